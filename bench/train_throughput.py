@@ -1,0 +1,118 @@
+"""Training throughput and MFU of candorlm's transformer against `transformers`' Qwen3ForCausalLM
+of the same shape, measured in one run on this machine; optionally 2-process DDP scaling.
+
+Both models train with the same optimizer (AdamW), batch, sequence length and precision
+(bf16 autocast where the CPU has it), so the ratio isolates the model implementation.
+MFU = (training FLOPs/token x tokens/s) / the bf16 matmul rate measured here at start.
+
+    python bench/train_throughput.py [--preset cpu-tiny] [--steps 8] [--ddp]
+
+Last line: JSON with tokens/s, MFU and the ratio candorlm / transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch  # noqa: E402
+
+from candorlm.config import build_config  # noqa: E402
+from candorlm.model.transformer import Transformer  # noqa: E402
+from candorlm.train.hardware import autocast_dtype, matmul_flops  # noqa: E402
+
+
+def hf_qwen3(mc):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(vocab_size=mc.vocab_size, hidden_size=mc.d_model, intermediate_size=mc.d_ff,
+                      num_hidden_layers=mc.n_layers, num_attention_heads=mc.n_heads,
+                      num_key_value_heads=mc.n_kv_heads, head_dim=mc.head_dim,
+                      max_position_embeddings=mc.max_seq_len, rms_norm_eps=mc.norm_eps,
+                      tie_word_embeddings=mc.tie_embeddings, attn_implementation="sdpa", use_cache=False)
+    return Qwen3ForCausalLM(cfg)
+
+
+def measure(step_fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step_fn()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step_fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]  # median: robust to a noisy neighbour
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cpu-tiny")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=0)
+    ap.add_argument("--ddp", action="store_true", help="also measure 2-process DDP scaling (bench/ddp_scaling.py)")
+    args = ap.parse_args()
+    cfg = build_config(args.preset)
+    mc, tc = cfg.model, cfg.train
+    B, T = args.batch_size or tc.batch_size, tc.seq_len
+    amp = autocast_dtype("cpu", "auto")
+    peak = matmul_flops("cpu", amp)
+    torch.manual_seed(0)
+    ours = Transformer(mc)
+    flops_tok = ours.flops_per_token(T)
+    x = torch.randint(0, mc.vocab_size, (B, T + 1))
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def make_step(model, fwd):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                loss = fwd(model)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    results = {}
+    hf = hf_qwen3(mc)
+    n_ours, n_hf = ours.num_params(), sum(p.numel() for p in hf.parameters())
+    candidates = {
+        "candorlm": make_step(ours, lambda m: m(inp, tgt)),
+        "transformers": make_step(hf, lambda m: m(input_ids=inp, labels=x[:, :-1]).loss),
+    }
+    # Interleave rounds so both see the same machine conditions.
+    for _ in range(2):
+        for name, fn in candidates.items():
+            dt = measure(fn, max(1, args.steps // 2))
+            results.setdefault(name, []).append(dt)
+    out = {"preset": args.preset, "batch": B, "seq_len": T, "dtype": "bf16" if amp else "fp32",
+           "peak_matmul_gflops": round(peak / 1e9, 1), "params_candorlm": n_ours, "params_transformers": n_hf}
+    print(f"shape: d_model={mc.d_model} layers={mc.n_layers} heads={mc.n_heads}/{mc.n_kv_heads} d_ff={mc.d_ff} "
+          f"vocab={mc.vocab_size}; batch {B}x{T}; {out['dtype']}; measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"parameters: candorlm {n_ours / 1e6:.2f}M, transformers {n_hf / 1e6:.2f}M")
+    print(f"{'model':<14}{'s/step':>10}{'tok/s':>12}{'MFU':>8}")
+    for name, dts in results.items():
+        dt = min(dts)
+        tok_s = B * T / dt
+        mfu = flops_tok * tok_s / peak
+        out[f"{name}_tok_s"] = round(tok_s, 1)
+        out[f"{name}_mfu"] = round(mfu, 4)
+        print(f"{name:<14}{dt:>10.3f}{tok_s:>12,.0f}{100 * mfu:>7.1f}%")
+    out["ratio"] = round(out["candorlm_tok_s"] / out["transformers_tok_s"], 3)
+    print(f"candorlm / transformers: {out['ratio']:.2f}x (target >= 1.5x); MFU {100 * out['candorlm_mfu']:.0f}% (target >= 50%)")
+    if args.ddp:
+        sys.path.insert(0, os.path.dirname(__file__))
+        from ddp_scaling import ddp_scaling
+
+        out["ddp"] = ddp_scaling()
+        print(f"DDP on CPU: {json.dumps(out['ddp'])}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

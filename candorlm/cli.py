@@ -1,0 +1,199 @@
+"""`candor <command>`: parses arguments and calls one function per command; no logic of its own.
+
+User errors (CandorError) print one line, `candor: error: ...`, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from candorlm.errors import CandorError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    from candorlm.config import PRESETS
+
+    p.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)} (default cpu-tiny)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", default=[],
+                   help="override any setting, e.g. --set train.max_steps=100 (repeatable)")
+
+
+def _config(args, name: str = "demo"):
+    from candorlm.config import build_config, parse_set_args
+
+    return build_config(args.preset, parse_set_args(args.set), name=name)
+
+
+def cmd_data(args) -> None:
+    from candorlm.data import curate
+
+    stats = curate.curate(args.source, args.out, curate.config_from_args(args), workers=args.workers,
+                          executor=args.executor)
+    print(json.dumps({k: stats.get(k) for k in ("read", "kept", "removed", "failed")}))
+    print(f"curated documents in {os.path.join(args.out, 'documents')}; data card: {os.path.join(args.out, 'DATA_CARD.md')}")
+
+
+def cmd_tokenizer(args) -> None:
+    from candorlm.data.documents import iter_documents
+    from candorlm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer((d["text"] for d in iter_documents(args.data)), args.vocab_size, args.min_frequency)
+    tok.save(args.out)
+    print(f"tokenizer with {tok.vocab_size} tokens written to {args.out}/tokenizer.json")
+
+
+def cmd_tokenize(args) -> None:
+    from candorlm.data.shards import build_shards
+    from candorlm.tokenizer import Tokenizer
+
+    meta = build_shards(args.data, Tokenizer.load(args.tokenizer), args.out, val_fraction=args.val_fraction)
+    print(json.dumps({"train_tokens": meta["train"]["tokens"], "val_tokens": meta["val"]["tokens"]}))
+
+
+def cmd_pretrain(args) -> None:
+    from candorlm.train.loop import pretrain, threads_default
+
+    threads_default()
+    cfg = _config(args)
+    result = pretrain(args.data, args.tokenizer, args.out, cfg, resume=args.resume)
+    if result.get("interrupted"):
+        sys.exit(130)
+    print(json.dumps({k: result[k] for k in ("step", "val_bpb", "tok_s", "mfu")}))
+
+
+def cmd_generate(args) -> None:
+    from candorlm.api import load
+
+    m = load(args.model)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    for piece in m.stream(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_eval(args) -> None:
+    from candorlm.data.loader import open_tokens
+    from candorlm.model.io import load_model
+    from candorlm.train.hardware import autocast_dtype
+    from candorlm.train.loop import evaluate_bpb, token_bytes_for
+
+    model = load_model(args.model)
+    seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+    r = evaluate_bpb(model, open_tokens(args.data, "val"), token_bytes_for(args.model), seq_len, args.tokens, 8,
+                     autocast_dtype("cpu", "auto"))
+    print(json.dumps(r))
+
+
+def cmd_run(args) -> None:
+    from candorlm import pipeline
+    from candorlm.data import curate
+    from candorlm.train.loop import threads_default
+
+    threads_default()
+    cfg = _config(args, name=args.name)
+    cfg.data.source = args.source
+    s = pipeline.run(cfg, runs_dir=args.runs_dir, force=args.force, curate_cfg=curate.config_from_args(args),
+                     workers=args.workers, prompt=args.prompt)
+    if s.get("interrupted"):
+        print(f"interrupted; rerun the same command to resume from {s['run_dir']}/base")
+        sys.exit(130)
+    base = os.path.join(s["run_dir"], "base")
+    p = s["pretrain"]
+    print()
+    print(f"val bits-per-byte: {p['val_bpb']:.4f}   ({p['step']} steps, {p['tokens_seen']:,} tokens, "
+          f"{p['tok_s']:,.0f} tok/s, MFU {100 * p['mfu']:.0f}%)")
+    print(f"completion of {s['completion']['prompt']!r}:")
+    print("-" * 60)
+    print(s["completion"]["prompt"] + s["completion"]["text"])
+    print("-" * 60)
+    print(f"artifacts in {s['run_dir']}/: data/ (DATA_CARD.md), tokenizer/, tokens/, base/ (model directory)")
+    print("next:")
+    print(f"  candor generate --model {base} \"import os\\n\" --temperature 0.8")
+    print(f"  candor eval --model {base} --data {s['run_dir']}/tokens")
+    print(f"  python -c \"import candorlm; print(candorlm.load('{base}').generate('def ', max_new_tokens=64))\"")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from candorlm.data import curate
+
+    ap = argparse.ArgumentParser(prog="candor", description="candorlm: curate, tokenize, pretrain, generate.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="curate raw text into a clean, deduplicated, documented corpus")
+    p.add_argument("--source", default="stdlib", help="stdlib, a directory, .txt, .jsonl(.gz), .parquet, or a saved dataset")
+    p.add_argument("--out", required=True)
+    curate.add_cli_arguments(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on curated documents")
+    p.add_argument("--data", required=True, help="a curated documents/ directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--min-frequency", type=int, default=2)
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("tokenize", help="tokenize curated documents into train.bin/val.bin shards")
+    p.add_argument("--data", required=True, help="a curated documents/ directory")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("pretrain", help="pretrain a transformer on token shards")
+    p.add_argument("--data", required=True, help="a token directory (train.bin, val.bin, meta.json)")
+    p.add_argument("--tokenizer", required=True, help="a directory with tokenizer.json")
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("generate", help="complete a prompt")
+    p.add_argument("--model", required=True)
+    p.add_argument("prompt", nargs="?", help="the prompt (default: standard input)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="validation bits-per-byte of a model on a token directory")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--tokens", type=int, default=262144)
+    p.add_argument("--seq-len", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="every stage, from raw text to a model, into runs/<name>/")
+    p.add_argument("--name", default="demo")
+    p.add_argument("--source", default="stdlib")
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--prompt", default="def ")
+    _add_config_args(p)
+    curate.add_cli_arguments(p)
+    p.set_defaults(func=cmd_run)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except CandorError as e:
+        print(f"candor: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("candor: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

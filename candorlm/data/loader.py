@@ -1,0 +1,53 @@
+"""Batches of token windows from the shards: random windows for training, fixed ones for eval.
+
+A training batch is a pure function of (seed, step, micro-step, rank), so the data position
+of a run is its step number: resuming needs nothing else, and N ranks read disjoint draws.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from candorlm.errors import CandorError
+
+
+def open_tokens(tokens_dir: str | Path, split: str) -> np.ndarray:
+    tokens_dir = Path(tokens_dir)
+    meta_path = tokens_dir / "meta.json"
+    path = tokens_dir / f"{split}.bin"
+    if not meta_path.is_file() or not path.is_file():
+        raise CandorError(f"{tokens_dir} is not a token directory (needs meta.json and {split}.bin; make one with `candor tokenize`)")
+    meta = json.loads(meta_path.read_text())
+    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+
+
+class TrainBatches:
+    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0):
+        if len(tokens) < seq_len + 2:
+            raise CandorError(f"training split has {len(tokens)} tokens; need more than seq_len+1 = {seq_len + 1} (add data or lower train.seq_len)")
+        self.tokens, self.seq_len, self.batch_size, self.seed, self.rank = tokens, seq_len, batch_size, seed, rank
+
+    def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, micro, self.rank])
+        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
+        w = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        return w[:, :-1], w[:, 1:]
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int):
+    """Consecutive, non-overlapping windows from the start of the split: every eval sees the
+    same tokens. Yields (x, y) batches covering at most max_tokens targets."""
+    n = max(1, min(max_tokens, len(tokens) - 1) // seq_len)
+    n = min(n, (len(tokens) - 1) // seq_len)
+    if n == 0:
+        raise CandorError(f"validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    for b in range(0, n, batch_size):
+        rows = range(b, min(b + batch_size, n))
+        w = np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64) for i in rows])
+        w = torch.from_numpy(w)
+        yield w[:, :-1], w[:, 1:]

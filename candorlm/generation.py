@@ -1,0 +1,70 @@
+"""Autoregressive generation: sampling (temperature, top-k, top-p) over a KV-cached decode,
+and the full-recompute path it is tested against.
+
+The serving engine (serve/) batches many requests over the same model; this module is the
+single-sequence reference.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from candorlm.model.attention import KVCache
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits: (B, V) float. temperature 0 is greedy; top_k 0 and top_p 1.0 are off."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass
+        # (Holtzman et al. 2020); the most likely token always stays.
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop_ids: set[int] | None = None,
+                 use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time. use_cache=False recomputes the whole sequence each
+    step: the obviously-correct path."""
+    model.eval()
+    device = next(model.parameters()).device
+    max_len = model.cfg.max_seq_len
+    max_new_tokens = max(0, min(max_new_tokens, max_len - 1))
+    ids = list(prompt_ids)[-(max_len - max_new_tokens):] if max_new_tokens else list(prompt_ids)
+    if not ids or max_new_tokens == 0:
+        return
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    stop_ids = stop_ids or set()
+    cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, device=device) if use_cache else None
+    logits = model(torch.tensor([ids], device=device), cache=cache, start=0)[:, -1]
+    for i in range(max_new_tokens):
+        nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
+        if nxt in stop_ids:
+            return
+        yield nxt
+        ids.append(nxt)
+        if i == max_new_tokens - 1:
+            return
+        if use_cache:
+            logits = model(torch.tensor([[nxt]], device=device), cache=cache, start=len(ids) - 1)[:, -1]
+        else:
+            logits = model(torch.tensor([ids], device=device))[:, -1]

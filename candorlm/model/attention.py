@@ -1,0 +1,102 @@
+"""Causal self-attention with grouped-query heads, QK-norm, optional sliding windows and ALiBi,
+through `scaled_dot_product_attention`; plus the KV cache and the attention masks.
+
+Knows nothing of training, serving or parallelism.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from candorlm.config import ModelConfig
+from candorlm.model.positions import apply_rope
+
+
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose weight follows the input's dtype: under bf16 autocast a float32
+    weight with a bf16 input falls off PyTorch's fused kernel onto a 5-op composite path."""
+
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, n_kv_heads, max_len, head_dim).
+
+    `length` is the number of positions already written; every sequence in the batch shares
+    it (the serving engine keeps one cache per sequence for continuous batching)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+def build_mask(q_len: int, start: int, window: int, slopes: torch.Tensor | None, device, dtype) -> torch.Tensor | None:
+    """The attention mask for queries at positions [start, start+q_len) over keys [0, start+q_len).
+
+    Returns None when plain causal attention applies (SDPA's `is_causal` fast path, or a single
+    query that may see everything), a bool mask (True = attend) for windows, and an additive
+    float mask of shape (H, q, k) when ALiBi biases are needed."""
+    k_len = start + q_len
+    if slopes is None and window == 0 and (q_len == 1 or start == 0):
+        return None
+    qpos = torch.arange(start, k_len, device=device)[:, None]
+    kpos = torch.arange(k_len, device=device)[None, :]
+    dist = qpos - kpos
+    allowed = dist >= 0
+    if window:
+        allowed = allowed & (dist < window)
+    if slopes is None:
+        return allowed
+    bias = -slopes.to(device)[:, None, None] * dist.clamp(min=0).to(torch.float32)
+    return bias.masked_fill(~allowed, float("-inf")).to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            # Per-head RMSNorm on queries and keys (Qwen3; Dehghani et al. 2023): keeps logits
+            # bounded so larger learning rates stay stable.
+            self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.use_rope = cfg.pos_encoding == "rope"
+
+    def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, start: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.hd).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype), start)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,119 @@
+"""Model directories: config.json + model.safetensors + tokenizer files + generation_config.json.
+
+A model directory is self-contained and is what every command takes as `--model DIR`.
+Weights are safetensors only: loading never executes code from the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from candorlm.config import ModelConfig, model_config_from_dict
+from candorlm.errors import CandorError
+from candorlm.fileio import atomic_write_json
+from candorlm.model.transformer import Transformer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def weights_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Contiguous fp32 CPU tensors; the tied head is dropped (safetensors stores no aliases)."""
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
+def write_model_files(d: Path, model: Transformer, tokenizer_dir: str | Path | None, state_dict=None,
+                      generation: dict | None = None) -> None:
+    """Write the files of a model directory into d (which the caller makes atomic)."""
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.asdict(model.cfg)
+    atomic_write_json(d / "config.json", {"architecture": "candorlm-transformer", "model": cfg})
+    save_file(state_dict if state_dict is not None else weights_state_dict(model), str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_dir) / name
+            if src.is_file() and src.resolve() != (d / name).resolve():
+                shutil.copyfile(src, d / name)
+    gen = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 128}
+    gen.update(generation or {})
+    atomic_write_json(d / "generation_config.json", gen)
+
+
+# Two-phase commit of a set of files into a directory. A checkpoint is several files that
+# must change together (weights, optimizer, step); each is first written into D/.staging,
+# which one rename turns into D/.commit: from then on the new version is decided, and moving
+# its entries into place is redone by `recover` if the process dies half-way.
+
+def staging_dir(d: str | Path) -> Path:
+    d = Path(d)
+    st = d / ".staging"
+    if st.exists():
+        shutil.rmtree(st)
+    st.mkdir(parents=True)
+    return st
+
+
+def commit_staged(d: str | Path) -> None:
+    d = Path(d)
+    os.replace(d / ".staging", d / ".commit")
+    _apply_commit(d)
+
+
+def _apply_commit(d: Path) -> None:
+    c = d / ".commit"
+    for entry in sorted(c.iterdir()):
+        target = d / entry.name
+        if entry.is_dir() and target.exists():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    c.rmdir()
+
+
+def recover(d: str | Path) -> None:
+    """Finish a commit that a killed process left decided, or drop one left undecided."""
+    d = Path(d)
+    if (d / ".commit").is_dir():
+        _apply_commit(d)
+    if (d / ".staging").exists():
+        shutil.rmtree(d / ".staging", ignore_errors=True)
+
+
+def read_model_config(model_dir: str | Path) -> ModelConfig:
+    p = Path(model_dir) / "config.json"
+    if not p.is_file():
+        raise CandorError(f"{model_dir} is not a model directory (no config.json); pass a directory written by `candor pretrain`")
+    try:
+        data = json.loads(p.read_text())
+        return model_config_from_dict(data["model"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CandorError(f"{p} is not a valid candorlm config.json ({e})") from None
+
+
+def load_model(model_dir: str | Path, device: str = "cpu") -> Transformer:
+    recover(model_dir)
+    cfg = read_model_config(model_dir)
+    wpath = Path(model_dir) / "model.safetensors"
+    if not wpath.is_file():
+        raise CandorError(f"{model_dir} has no model.safetensors")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device)
+    model._init_buffers(device)
+    sd = load_file(str(wpath), device=device)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CandorError(f"{wpath} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    return model.eval()

@@ -1,0 +1,86 @@
+"""The `candor` command end to end on a micro corpus: errors are one line with exit 2,
+`candor run` chains every stage and skips current ones, and its model loads."""
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from conftest import MICRO, MODULES
+
+
+def candor(*args, cwd=None, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "candorlm", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+def sets(pairs):
+    out = []
+    for k, v in pairs:
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+@pytest.mark.parametrize("cmd", [
+    ["data", "--source", "no/such/path", "--out", "x"],
+    ["run", "--source", "no/such/path.jsonl"],
+    ["pretrain", "--data", "no/tokens", "--tokenizer", "no/tok", "--out", "x"],
+    ["generate", "--model", "no/model", "hi"],
+    ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--set", "train.nope=1"],
+    ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--preset", "huge"],
+])
+def test_bad_input_is_one_line_and_exit_2(cmd, tmp_path):
+    r = candor(*cmd, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("candor: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A directory source with good files, a binary file and an invalid UTF-8 file."""
+    d = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for m in MODULES:
+        src = stdlib / m
+        if src.is_file():
+            (d / m.replace("/", "_")).write_text(src.read_text(encoding="utf-8"), encoding="utf-8")
+    (d / "blob.bin.txt").write_bytes(bytes(range(256)) * 64)
+    (d / "latin1.py").write_bytes("caf\xe9 = 'na\xefve'\n".encode("latin-1") * 50)
+    return d
+
+
+def test_run_end_to_end_then_skips(corpus, tmp_path):
+    args = ["run", "--name", "micro", "--source", str(corpus), "--runs-dir", str(tmp_path / "runs"),
+            "--set", "tokenizer.vocab_size=512", *sets(MICRO)]
+    r = candor(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "val bits-per-byte" in r.stdout
+    run = tmp_path / "runs" / "micro"
+    stats = json.loads((run / "data" / "stats.json").read_text())
+    assert stats["read"] == stats["kept"] + sum(stats["removed"].values()) + sum(stats["failed"].values())
+    assert sum(stats["failed"].values()) >= 2  # the binary file and the invalid UTF-8 one, with reasons
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["pretrain"]["val_bpb"] > 0
+
+    import candorlm
+
+    m = candorlm.load(run / "base")
+    assert isinstance(m.generate("def ", max_new_tokens=8, temperature=0), str)
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(run / "tokenizer" / "tokenizer.json"))
+    assert hf.encode("def f(x):\n    return x") == m.tokenizer.encode("def f(x):\n    return x")
+
+    weights = (run / "base" / "model.safetensors").read_bytes()
+    r2 = candor(*args)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.stderr.count("is current; skipped") == 4, r2.stderr
+    assert (run / "base" / "model.safetensors").read_bytes() == weights

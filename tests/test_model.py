@@ -1,0 +1,110 @@
+"""The transformer: KV-cache decode equals full recomputation for every positional encoding
+and window pattern; the fused loss equals the plain one; options build and train."""
+
+import pytest
+import torch
+
+from candorlm.config import ModelConfig
+from candorlm.model.attention import KVCache
+from candorlm.model.loss import fused_head_loss, naive_head_loss
+from candorlm.model.transformer import Transformer
+
+POS = ["rope", "alibi", "learned", "sinusoidal", "none"]
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=97, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=64, window_size=4)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("pos", POS)
+@pytest.mark.parametrize("pattern", ["", "SSL", "SL"])
+def test_kv_cache_decode_equals_recompute(pos, pattern):
+    torch.manual_seed(0)
+    m = Transformer(tiny(pos_encoding=pos, window_pattern=pattern)).eval()
+    idx = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        full = m(idx)
+        cache = KVCache(m.cfg, 2, 32)
+        parts = [m(idx[:, :9], cache=cache, start=0), m(idx[:, 9:13], cache=cache, start=9)]
+        parts += [m(idx[:, t:t + 1], cache=cache, start=t) for t in range(13, 24)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-4)
+
+
+def test_sliding_window_limits_what_a_token_sees():
+    torch.manual_seed(0)
+    m = Transformer(tiny(window_pattern="S", n_layers=1, window_size=4)).eval()
+    # With one sliding layer (the last layer is always full, so use 2 layers where the first
+    # slides), check the windowed layer directly: changing a token outside the window of the
+    # last position changes nothing in a fully windowed model.
+    m2 = Transformer(tiny(window_pattern="SL", n_layers=2, window_size=4))
+    assert m2.windows == [4, 0]
+    m.windows = [4]
+    a = torch.randint(0, 97, (1, 16))
+    b = a.clone()
+    b[0, 2] = (a[0, 2] + 1) % 97
+    with torch.no_grad():
+        la, lb = m(a), m(b)
+    torch.testing.assert_close(la[0, -1], lb[0, -1])
+    assert not torch.allclose(la[0, 3], lb[0, 3])
+
+
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_fused_head_loss_matches_naive(softcap):
+    torch.manual_seed(0)
+    x = torch.randn(700, 32, requires_grad=True)
+    w = torch.randn(300, 32, requires_grad=True)
+    t = torch.randint(0, 300, (700,))
+    t[::7] = -1
+    for red in ("mean", "none", "sum"):
+        a = fused_head_loss(x, w, t, softcap, red)
+        b = naive_head_loss(x, w, t, softcap, red)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ga = torch.autograd.grad(fused_head_loss(x, w, t, softcap).sum(), (x, w))
+    gb = torch.autograd.grad(naive_head_loss(x, w, t, softcap).sum(), (x, w))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [dict(mlp="relu2"), dict(mlp="gelu", norm="layernorm", qk_norm=False),
+                                dict(n_kv_heads=1), dict(n_kv_heads=4), dict(tie_embeddings=False),
+                                dict(logit_softcap=30.0), dict(pos_encoding="learned", mlp="gelu")])
+def test_options_train(kw):
+    torch.manual_seed(0)
+    m = Transformer(tiny(**kw))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    x = torch.randint(0, 97, (4, 32))
+    losses = []
+    for _ in range(15):
+        loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+    torch.manual_seed(0)
+    g = Transformer(tiny(n_kv_heads=2)).eval()
+    h = Transformer(tiny(n_kv_heads=4)).eval()
+    sd = g.state_dict()
+    hd = g.cfg.head_dim
+    for i in range(g.cfg.n_layers):
+        for name in ("k_proj", "v_proj"):
+            w = sd[f"layers.{i}.attn.{name}.weight"].view(2, hd, -1)
+            sd[f"layers.{i}.attn.{name}.weight"] = w.repeat_interleave(2, dim=0).reshape(4 * hd, -1)
+    h.load_state_dict(sd)
+    x = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(g(x), h(x), atol=1e-5, rtol=1e-4)
+
+
+def test_bad_config_is_a_clear_error():
+    from candorlm.errors import CandorError
+
+    with pytest.raises(CandorError, match="multiple of"):
+        tiny(n_kv_heads=3).resolved()
+    with pytest.raises(CandorError, match="pos_encoding"):
+        tiny(pos_encoding="xpos").resolved()

@@ -1,0 +1,140 @@
+"""Pretraining: loss falls, resume is exact (bit for bit), checkpoints are atomic."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from candorlm.errors import CandorError
+from candorlm.train.loop import pretrain
+from conftest import micro_config
+
+
+def weights(d):
+    return load_file(str(d / "model.safetensors"))
+
+
+def assert_same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_loss_falls_and_model_dir_is_complete(micro_tokens, micro_tokenizer, tmp_path, optimizer):
+    cfg = micro_config(("train.optimizer", optimizer), ("train.max_steps", "30"), ("train.eval_every", "0"))
+    r = pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
+    log = [json.loads(l) for l in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    losses = [e["loss"] for e in log if "loss" in e]
+    assert losses[-1] < losses[0] - 0.5  # from ln(512) = 6.24 (uniform) to ~5.4 in 30 micro steps
+    assert 0 < r["val_bpb"] < 8
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "train_state/state.json"):
+        assert (tmp_path / "m" / f).is_file(), f
+
+
+def test_resume_is_exact(micro_tokens, micro_tokenizer, tmp_path):
+    cfg = micro_config
+    full = pretrain(micro_tokens, micro_tokenizer, tmp_path / "full", cfg(), quiet=True)
+    part = pretrain(micro_tokens, micro_tokenizer, tmp_path / "part", cfg(), quiet=True, stop_at_step=5)
+    assert part == {"interrupted": True, "step": 5}
+    res = pretrain(micro_tokens, micro_tokenizer, tmp_path / "part", cfg(), quiet=True, resume=True)
+    assert res["step"] == full["step"] == 12
+    assert_same_weights(tmp_path / "full", tmp_path / "part")
+    assert res["val_bpb"] == full["val_bpb"]
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen([sys.executable, "-m", "candorlm", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _set_args(cfg_pairs):
+    out = []
+    for k, v in cfg_pairs:
+        out += ["--set", f"{k}={v}"]
+    return out
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted(micro_tokens, micro_tokenizer, tmp_path):
+    from conftest import MICRO
+
+    sets = _set_args(MICRO + [("train.max_steps", "60"), ("train.eval_every", "0"), ("train.log_every", "2")])
+    common = ["pretrain", "--data", str(micro_tokens), "--tokenizer", str(micro_tokenizer)]
+    p = _cli(*common, "--out", str(tmp_path / "a"), *sets)
+    log = tmp_path / "a" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    state = json.loads((tmp_path / "a" / "train_state" / "state.json").read_text())
+    assert 0 < state["step"] < 60
+    p = _cli(*common, "--out", str(tmp_path / "a"), "--resume", *sets)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    p = _cli(*common, "--out", str(tmp_path / "b"), *sets)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_failed_checkpoint_write_leaves_previous_loadable(micro_tokens, micro_tokenizer, tmp_path, monkeypatch):
+    import candorlm.model.io as mio
+    from candorlm.api import load
+
+    out = tmp_path / "m"
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=4)
+    before = weights(out)
+    real = mio.save_file
+
+    def crash(sd, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 100)  # a torn write
+        raise OSError("disk full")
+
+    monkeypatch.setattr(mio, "save_file", crash)
+    with pytest.raises(OSError):
+        pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, resume=True, stop_at_step=8)
+    monkeypatch.setattr(mio, "save_file", real)
+    after = weights(out)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
+    load(out).generate("def ", max_new_tokens=4, temperature=0)
+    r = pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, resume=True)
+    assert r["step"] == 12
+
+
+def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, micro_tokenizer, tmp_path):
+    """SIGKILL at arbitrary moments of a run that checkpoints every step."""
+    from conftest import MICRO
+    from candorlm.api import load
+
+    sets = _set_args(MICRO + [("train.max_steps", "400"), ("train.save_every", "1"), ("train.eval_every", "0")])
+    for i, delay in enumerate([0.3, 0.55, 0.8]):
+        out = tmp_path / f"k{i}"
+        p = _cli("pretrain", "--data", str(micro_tokens), "--tokenizer", str(micro_tokenizer), "--out", str(out), *sets)
+        log = out / "log.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and p.poll() is None and not log.is_file():
+            time.sleep(0.01)
+        time.sleep(delay)
+        p.kill()
+        p.communicate()
+        m = load(out)  # finishes or drops a half-done commit, then loads
+        assert m.generate("x", max_new_tokens=2, temperature=0) is not None
+        state = json.loads((out / "train_state" / "state.json").read_text())
+        assert state["step"] >= 1
+
+
+def test_resume_without_checkpoint_is_a_clear_error(micro_tokens, micro_tokenizer, tmp_path):
+    with pytest.raises(CandorError, match="no checkpoint"):
+        pretrain(micro_tokens, micro_tokenizer, tmp_path / "none", micro_config(), quiet=True, resume=True)
