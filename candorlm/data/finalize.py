@@ -201,7 +201,8 @@ def finalize(out: str, work: str, cfg_dict: dict, source: dict, fingerprint: str
         "workers": workers,
         "executor": executor,
         "timings_s": timings,
-        "cpu_s": {ph: round(counts.get(f"{ph}/cpu", {}).get("cpu_s", 0.0), 3) for ph in ("process", "buckets", "final")},
+        "cpu_s": {ph: round(counts.get(f"{ph}/cpu", {}).get("cpu_s", 0.0), 3)
+                  for ph in ("process", "buckets", "final")},
         "outputs": {"documents": [f"documents/{n}" for n in doc_files],
                     "removed": [f"removed/{n}" for n in sorted(removed_files)]},
         "config": cfg.to_dict(),
