@@ -31,7 +31,10 @@ def cmd_data(args) -> None:
     from candorlm.data import curate
 
     stats = curate.curate(args.source, args.out, curate.config_from_args(args), workers=args.workers,
-                          executor=args.executor)
+                          executor=args.executor, verbose=args.verbose)
+    if stats.get("submitted"):
+        print(f"submitted to {args.executor}; when the jobs finish, rerun the same command to collect the outputs")
+        return
     print(json.dumps({k: stats.get(k) for k in ("read", "kept", "removed", "failed")}))
     print(f"curated documents in {os.path.join(args.out, 'documents')}; data card: {os.path.join(args.out, 'DATA_CARD.md')}")
 
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="curate raw text into a clean, deduplicated, documented corpus")
     p.add_argument("--source", default="stdlib", help="stdlib, a directory, .txt, .jsonl(.gz), .parquet, or a saved dataset")
     p.add_argument("--out", required=True)
+    p.add_argument("--verbose", action="store_true", help="show the executor's logs (always in OUT/work/logs)")
     curate.add_cli_arguments(p)
     p.set_defaults(func=cmd_data)
 
