@@ -328,9 +328,13 @@ def test_cda_adds_swapped_copies_and_audit_is_reported(tmp_path):
     assert "Gender CDA was applied" in card and "Representation audit" in card
 
 
-def _ray_executor_matches_local(tmp_path):
+def test_ray_executor_matches_local(tmp_path):
     """A local Ray cluster curates a small corpus to the same bytes as the local executor (~30 s).
-    Collected only where `ray` is installed: it is not a candorlm dependency, and CI skips nothing."""
+    `ray` is a test dependency (not a runtime one); outside CI a missing ray skips."""
+    if importlib.util.find_spec("ray") is None:
+        from conftest import missing
+
+        missing("ray")
     import ray
 
     rng = random.Random(10)
@@ -349,8 +353,20 @@ def _ray_executor_matches_local(tmp_path):
     assert _tree(tmp_path / "local") == _tree(tmp_path / "ray")
 
 
-if importlib.util.find_spec("ray") is not None:
-    test_ray_executor_matches_local = _ray_executor_matches_local
+def test_planted_occupation_skew_is_reported_and_cda_output_is_not(tmp_path):
+    rng = random.Random(11)
+    root = tmp_path / "c"
+    root.mkdir()
+    for i in range(12):
+        planted = ("\nThe doctor said he would review the engineer report, and he signed it before noon.\n"
+                   "The nurse said she would help the secretary, and she filed the notes after lunch.\n")
+        (root / f"d{i}.txt").write_text(prose(rng) + planted)
+    stats = curate(str(root), str(tmp_path / "data"), CurateConfig(cda="gender"), workers=1, quiet=True)
+    assert stats["kept"] == 12
+    assert stats["audit"]["corpus"]["skewed"] is True
+    assert stats["audit"]["after_cda"]["skewed"] is False
+    card = (tmp_path / "data" / "DATA_CARD.md").read_text()
+    assert "Before augmentation" in card
 
 
 def test_slurm_and_ray_executors_get_the_same_pipelines(tmp_path):

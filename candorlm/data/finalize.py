@@ -150,9 +150,6 @@ def finalize(out: str, work: str, cfg_dict: dict, source: dict, fingerprint: str
         with open(p) as f:
             dedup = json.load(f)
     audit = _audit(cfg, out, work, order) if cfg.bias_audit else {}
-    card_audit = dict(audit.get("after_cda") or audit.get("corpus") or {})
-    if card_audit and "filter_removal" in audit:
-        card_audit["filter_removal"] = audit["filter_removal"]
 
     timings = dict(timings or {})
     timings["finalize"] = round(time.perf_counter() - t0, 3)
@@ -209,6 +206,7 @@ def finalize(out: str, work: str, cfg_dict: dict, source: dict, fingerprint: str
     }
     from candorlm.report.data_card import write_data_card
 
-    write_data_card(out, stats, card_audit, cfg.to_dict())
+    # The nested audit: the card reports the after-CDA summary and the corpus verdict before it.
+    write_data_card(out, stats, audit, cfg.to_dict())
     write_json(os.path.join(out, "stats.json"), stats)
     return stats
