@@ -2,12 +2,12 @@
 distributed half of checkpointing.
 
 `transformer.py` stays single-device. This module reads torchrun's environment, wraps the
-model for `train.parallel` = none | ddp | fsdp | tp | fsdp+tp in torchtitan's order
-(tensor parallel -> activation checkpointing -> compile -> FSDP; with TP, compile goes inside
-the checkpointing, see `parallelize`), and saves/loads the sharded
-model and optimizer states with `torch.distributed.checkpoint` (DCP). It does not build
-optimizers, draw data or write model directories: the training loop does, asking this module
-for the ranks, the wrapped model and consolidated states. docs/scaling.md explains the choices.
+model for `train.parallel` = none | ddp | fsdp | tp | fsdp+tp in torchtitan's order (tensor
+parallel -> activation checkpointing -> compile -> FSDP; see `parallelize` for one exception),
+runs Muon on whole matrices when parameters are sharded, and saves/loads sharded model and
+optimizer states with `torch.distributed.checkpoint` (DCP). It does not choose optimizers,
+draw data or write model directories: the training loop does, asking this module for ranks,
+the wrapped model and consolidated states. docs/scaling.md explains the choices.
 """
 
 from __future__ import annotations
@@ -294,16 +294,19 @@ def no_sync_unless_last(model, last: bool, tcfg):
 
 
 def _is_sharded(model) -> bool:
+    """Whether FSDP/TP made the parameters DTensors (one process and DDP: plain tensors)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
     from torch.distributed.tensor import DTensor
 
-    return torch.distributed.is_initialized() and any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
     """Clip the global gradient norm; returns it. Sharded gradients (DTensors, possibly on
     several meshes under FSDP x TP, beside plain replicated ones under TP) are summed per
     (mesh, placement) group, so each group costs one collective instead of one per tensor."""
-    if not (torch.distributed.is_initialized() and _is_sharded(model)):
+    if not _is_sharded(model):
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     from torch.distributed.tensor import DTensor
 
@@ -396,7 +399,7 @@ def _load_dcp(path, model, optimizers) -> None:
     state = {"model": msd, "optim": osd}
     with warnings.catch_warnings():  # "assuming ... load in a single process": it is, by design
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafeLoadPlanner())
+        dcp.load(state, storage_reader=_safe_reader(str(path)), planner=_safe_load_planner())
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -449,12 +452,12 @@ class _MetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which a checkpoint index never needs")
 
 
-def _safe_reader_cls():
+def _safe_reader(path: str):
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class SafeReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):
+        def read_metadata(self, *args, **kwargs):  # FileSystemReader's, with the restricted unpickler
             with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
             if getattr(metadata, "storage_meta", None) is None:
@@ -462,14 +465,10 @@ def _safe_reader_cls():
             metadata.storage_meta.load_id = self.load_id
             return metadata
 
-    return SafeReader
+    return SafeReader(path)
 
 
-def _SafeReader(path: str):
-    return _safe_reader_cls()(path)
-
-
-def _SafeLoadPlanner():
+def _safe_load_planner():
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint._traverse import set_element
 

@@ -1,7 +1,8 @@
 """Pretraining: the training loop, its evaluation, logging and checkpoints (`candor pretrain`).
 
-Single-process here; model/parallel.py wraps the model for DDP/FSDP/TP when launched by
-torchrun, and this loop only asks it for the rank, the world size and a consolidated state.
+The same loop runs in one process and under torchrun: model/parallel.py wraps the model for
+DDP/FSDP/TP, and this loop asks it for the ranks, a few collectives and consolidated states
+(docs/scaling.md).
 """
 
 from __future__ import annotations

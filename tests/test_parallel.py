@@ -1,0 +1,232 @@
+"""DDP, FSDP and tensor parallel train exactly as one process does; distributed checkpoints
+resume on another number of ranks.
+
+Real processes: `torchrun --standalone` with 2 gloo ranks on CPU, fp32 so that only the order
+of float sums differs. The one-process reference must see the same global batch as the ranks
+together: each rank r draws TrainBatches(..., batch_size=B, rank=r), so the reference draws
+with `UnionBatches`, which concatenates what ranks 0 and 1 draw, at batch size 2B.
+
+AdamW comparisons are tight. Muon's Newton-Schulz runs in bf16 (torch.optim.Muon), which
+turns fp32 reduction-order differences (~1e-7) into update differences of bf16 size, so the
+Muon comparisons (model/parallel.py's gathered Newton-Schulz under FSDP and TP) are looser:
+still far below what a wrong shard or a missing reduction would do (~1e-1 after 6 steps).
+
+This file is also the torchrun target for runs that stop early (`--worker`), which the CLI
+cannot ask for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import MICRO  # noqa: E402
+
+RANKS = 2
+B = 4  # per-rank batch (MICRO's)
+SETS = MICRO + [("train.max_steps", "6"), ("train.eval_every", "0"), ("train.dtype", "fp32"), ("train.log_every", "1"),
+               ("train.optimizer", "adamw")]
+MUON = ("train.optimizer", "muon")
+TOL = 1e-5
+MUON_TOL = 2e-3
+STOP = 2  # checkpoint mid-warmup: a resume that lost the schedule's base lr would show
+
+
+class UnionBatches:
+    """The batches of ranks 0..RANKS-1 at batch_size // RANKS each, concatenated."""
+
+    def __init__(self, tokens, seq_len, batch_size, seed, rank=0):
+        from candorlm.data.loader import TrainBatches
+
+        assert rank == 0 and batch_size % RANKS == 0
+        self.parts = [TrainBatches(tokens, seq_len, batch_size // RANKS, seed, rank=r) for r in range(RANKS)]
+
+    def get(self, step, micro=0):
+        xs, ys = zip(*(p.get(step, micro) for p in self.parts))
+        return torch.cat(xs), torch.cat(ys)
+
+
+def _pairs(*extra):
+    return SETS + list(extra)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in _log(out) if "loss" in e}
+
+
+def grad_norms(out: Path) -> dict[int, float]:
+    return {e["step"]: e["grad_norm"] for e in _log(out) if "loss" in e}
+
+
+def assert_close(a: dict, b: dict, tol=TOL):
+    assert a.keys() == b.keys(), (a, b)
+    bad = {k: (a[k], b[k]) for k in a if abs(a[k] - b[k]) > tol * max(1.0, abs(b[k]))}
+    assert not bad, bad
+
+
+def assert_weights_close(a: Path, b: Path, tol=1e-4):  # AdamW runs differ by <1e-5
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=tol, atol=tol, msg=k)
+
+
+def one_process(tokens, tok, out, *extra, union=False, resume=False, stop_at=None):
+    from candorlm.config import build_config
+    from candorlm.train.loop import pretrain
+
+    cfg = build_config("cpu-tiny", _pairs(*extra))
+    with pytest.MonkeyPatch.context() as mp:
+        if union:
+            mp.setattr("candorlm.train.loop.TrainBatches", UnionBatches)
+        return pretrain(tokens, tok, out, cfg, quiet=True, resume=resume, stop_at_step=stop_at)
+
+
+def torchrun(tokens, tok, out, *extra, resume=False, stop_at=None, timeout=240):
+    """2 ranks through the CLI, or through this file's --worker when the run must stop early."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}"]
+    if stop_at is None:
+        sets = [a for k, v in _pairs(*extra) for a in ("--set", f"{k}={v}")]
+        cmd = launcher + ["-m", "candorlm", "pretrain", "--data", str(tokens), "--tokenizer", str(tok),
+                          "--out", str(out), *sets] + (["--resume"] if resume else [])
+    else:
+        job = {"tokens": str(tokens), "tok": str(tok), "out": str(out), "pairs": _pairs(*extra), "resume": resume,
+               "stop_at": stop_at}
+        cmd = launcher + [__file__, "--worker", json.dumps(job)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).parent.parent)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref(micro_tokens, micro_tokenizer, tmp_path_factory):
+    """One process, global batch 2B = the union of the two ranks' batches."""
+    out = tmp_path_factory.mktemp("ref") / "m"
+    one_process(micro_tokens, micro_tokenizer, out, ("train.batch_size", str(RANKS * B)), union=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_muon(micro_tokens, micro_tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref_muon") / "m"
+    one_process(micro_tokens, micro_tokenizer, out, ("train.batch_size", str(RANKS * B)), MUON, union=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(micro_tokens, micro_tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "m"
+    return torchrun(micro_tokens, micro_tokenizer, out, ("train.parallel", "fsdp"))
+
+
+def test_ddp_equals_one_process(micro_tokens, micro_tokenizer, tmp_path):
+    """With 2 micro-batches per step, so that gradients are all-reduced on the last one only."""
+    accum = ("train.grad_accum", "2")
+    ref = tmp_path / "ref"
+    one_process(micro_tokens, micro_tokenizer, ref, ("train.batch_size", str(RANKS * B)), accum, union=True)
+    out = torchrun(micro_tokens, micro_tokenizer, tmp_path / "ddp", ("train.parallel", "ddp"), accum)
+    assert_close(losses(out), losses(ref))
+    assert_close(grad_norms(out), grad_norms(ref))
+    assert_weights_close(out, ref)
+    assert _log(out)[-1]["tokens_seen"] == 6 * 2 * RANKS * B * 64
+
+
+def test_fsdp_equals_one_process(fsdp_run, ref):
+    assert_close(losses(fsdp_run), losses(ref))
+    assert_close(grad_norms(fsdp_run), grad_norms(ref))
+    assert_weights_close(fsdp_run, ref)
+    assert (fsdp_run / "train_state" / "dcp" / ".metadata").is_file()
+    assert not (fsdp_run / ".staging").exists()
+
+
+def test_muon_under_fsdp_equals_one_process(micro_tokens, micro_tokenizer, tmp_path, ref_muon):
+    out = torchrun(micro_tokens, micro_tokenizer, tmp_path / "m", ("train.parallel", "fsdp"), MUON)
+    assert_close(losses(out), losses(ref_muon), tol=MUON_TOL)
+    assert_close(grad_norms(out), grad_norms(ref_muon), tol=MUON_TOL)
+    assert_weights_close(out, ref_muon, tol=MUON_TOL)
+
+
+@pytest.mark.parametrize("parallel,optimizer,tol", [("tp", "adamw", TOL), ("fsdp+tp", "muon", MUON_TOL)])
+def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_path, parallel, optimizer, tol):
+    """Both ranks hold one replica between them, so they read the same batch: global batch B.
+    fsdp+tp on 2 ranks is a 1 x 2 (dp x tp) mesh; it also checkpoints activations here."""
+    ref = tmp_path / "ref"
+    one_process(micro_tokens, micro_tokenizer, ref, ("train.optimizer", optimizer))
+    extra = [("train.parallel", parallel), ("train.tp_size", str(RANKS)), ("train.optimizer", optimizer)]
+    if parallel == "fsdp+tp":
+        extra.append(("train.activation_checkpointing", "true"))
+    out = torchrun(micro_tokens, micro_tokenizer, tmp_path / "tp", *extra)
+    assert_close(losses(out), losses(ref), tol=tol)
+    assert_close(grad_norms(out), grad_norms(ref), tol=tol)
+    assert_weights_close(out, ref, tol=max(tol, 1e-4))
+
+
+def test_two_rank_checkpoint_resumes_on_two_and_on_one(micro_tokens, micro_tokenizer, tmp_path, fsdp_run, ref):
+    part = torchrun(micro_tokens, micro_tokenizer, tmp_path / "part", ("train.parallel", "fsdp"), stop_at=STOP)
+    assert json.loads((part / "train_state" / "state.json").read_text())["step"] == STOP
+    assert (part / "train_state" / "dcp").is_dir()
+    solo = tmp_path / "solo"
+    shutil.copytree(part, solo)
+
+    torchrun(micro_tokens, micro_tokenizer, part, ("train.parallel", "fsdp"), resume=True)
+    assert_close(losses(part), losses(fsdp_run), tol=0)  # steps 1-2 logged before, 3-6 after resuming
+    assert_weights_close(part, fsdp_run, tol=0)  # same ranks, same sums: bit for bit
+
+    # 2 -> 1: one process reads the DCP shards whole (no process group) and carries on with
+    # the same global batch.
+    one_process(micro_tokens, micro_tokenizer, solo, ("train.batch_size", str(RANKS * B)), union=True, resume=True)
+    assert_close(losses(solo), losses(ref))
+    assert_weights_close(solo, ref)
+    assert not (solo / "train_state" / "dcp").exists()  # a one-process checkpoint again
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(micro_tokens, micro_tokenizer, tmp_path, fsdp_run):
+    """1 -> 2: positional optimizer states are matched to parameter names and sharded."""
+    out = tmp_path / "m"
+    one_process(micro_tokens, micro_tokenizer, out, ("train.batch_size", str(RANKS * B)), union=True, stop_at=STOP)
+    torchrun(micro_tokens, micro_tokenizer, out, ("train.parallel", "fsdp"), resume=True)
+    assert_close(losses(out), losses(fsdp_run))
+    assert_weights_close(out, fsdp_run)
+
+
+def test_configuration_errors_are_clear():
+    from candorlm.config import build_config
+    from candorlm.errors import CandorError
+    from candorlm.model import parallel
+    from candorlm.model.transformer import Transformer
+
+    cfg = build_config("cpu-tiny", MICRO + [("train.parallel", "fsdp")])
+    with pytest.raises(CandorError, match="torchrun"):
+        parallel.parallelize(Transformer(cfg.model), cfg.train, parallel.DistInfo())
+    with pytest.raises(CandorError, match="n_kv_heads=2 across 4 ranks"):
+        parallel._check_tp(cfg.model, 4)
+    with pytest.raises(CandorError, match="fsdp\\+tp"):
+        parallel._tp_degree("tp", 2, 4)
+    assert parallel._tp_degree("fsdp+tp", 2, 4) == 2 and parallel._tp_degree("tp", 1, 2) == 2
+
+
+def _worker(job: dict) -> None:
+    from candorlm.config import build_config
+    from candorlm.train.loop import pretrain
+
+    cfg = build_config("cpu-tiny", [tuple(p) for p in job["pairs"]])
+    pretrain(job["tokens"], job["tok"], job["out"], cfg, quiet=True, resume=job["resume"], stop_at_step=job["stop_at"])
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    _worker(json.loads(sys.argv[2]))
