@@ -71,7 +71,8 @@ def ddp_scaling(steps: int = 20, batch_size: int = 8, seq_len: int = 256, d_mode
             "model.n_kv_heads": max(1, d_model // 128), "model.max_seq_len": seq_len, "train.seq_len": seq_len,
             "train.batch_size": batch_size, "train.max_steps": steps, "train.eval_every": 0,
             "train.eval_tokens": seq_len, "train.save_every": 0, "train.time_budget_s": 0,
-            "train.warmup_steps": 2, "train.dtype": dtype, "train.parallel": "ddp", "train.log_every": 1000}
+            "train.warmup_steps": 2, "train.dtype": dtype, "train.parallel": "ddp", "train.log_every": 1000,
+            "train.compile": False}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         tmp = Path(tmp)
         tokens, tok = build_corpus(tmp / "corpus")

@@ -83,7 +83,9 @@ def lr_key(overrides: dict) -> str:
 def config_for(name: str, args, extra: dict | None = None):
     overrides = {**VARIANTS[name][0], "train.batch_size": args.batch_size, "train.time_budget_s": 0.0,
                  "train.eval_tokens": args.eval_tokens, "train.save_every": 0, "train.log_every": 1,
-                 **(extra or {})}
+                 # Eager for every variant: torch.compile's ~30 s per run would dominate short
+                 # budgets, and the comparison is of recipes, not of compilers.
+                 "train.compile": False, **(extra or {})}
     return build_config(PRESET, list(overrides.items()), name=f"speedrun-{name}")
 
 

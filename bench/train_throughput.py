@@ -5,9 +5,12 @@ Both models train with the same optimizer (AdamW), batch, sequence length and pr
 (bf16 autocast where the CPU has it), so the ratio isolates the model implementation.
 MFU = (training FLOPs/token x tokens/s) / the bf16 matmul rate measured here at start.
 
-    python bench/train_throughput.py [--preset cpu-tiny] [--steps 8] [--ddp]
+    python bench/train_throughput.py [--preset cpu-tiny] [--steps 8] [--no-compile] [--ddp]
 
-Last line: JSON with tokens/s, MFU and the ratio candorlm / transformers.
+Each model runs eager and under torch.compile (~30 s of compiling each); `ratio` compares
+like with like (eager with eager), `ratio_compiled` compiled with compiled, and
+`ratio_defaults` each library's default training path (candorlm compiles on CPU presets,
+transformers' Trainer does not). Last line: JSON.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu-tiny")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=0)
+    ap.add_argument("--no-compile", action="store_true", help="measure eager mode only")
     ap.add_argument("--ddp", action="store_true", help="also measure 2-process DDP scaling (bench/ddp_scaling.py)")
     args = ap.parse_args()
     cfg = build_config(args.preset)
@@ -67,12 +71,13 @@ def main() -> None:
     x = torch.randint(0, mc.vocab_size, (B, T + 1))
     inp, tgt = x[:, :-1], x[:, 1:]
 
-    def make_step(model, fwd):
+    def make_step(model, fwd, compiled=False):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        run = torch.compile(model) if compiled else model
 
         def step():
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-                loss = fwd(model)
+                loss = fwd(run)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -85,6 +90,12 @@ def main() -> None:
         "candorlm": make_step(ours, lambda m: m(inp, tgt)),
         "transformers": make_step(hf, lambda m: m(input_ids=inp, labels=x[:, :-1]).loss),
     }
+    if not args.no_compile:
+        candidates["candorlm_compiled"] = make_step(ours, lambda m: m(inp, tgt), compiled=True)
+        candidates["transformers_compiled"] = make_step(hf, lambda m: m(input_ids=inp, labels=x[:, :-1]).loss,
+                                                        compiled=True)
+        for fn in list(candidates.values())[2:]:
+            fn()  # compile outside the timed rounds
     # Interleave rounds so both see the same machine conditions.
     for _ in range(2):
         for name, fn in candidates.items():
@@ -95,16 +106,22 @@ def main() -> None:
     print(f"shape: d_model={mc.d_model} layers={mc.n_layers} heads={mc.n_heads}/{mc.n_kv_heads} d_ff={mc.d_ff} "
           f"vocab={mc.vocab_size}; batch {B}x{T}; {out['dtype']}; measured matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"parameters: candorlm {n_ours / 1e6:.2f}M, transformers {n_hf / 1e6:.2f}M")
-    print(f"{'model':<14}{'s/step':>10}{'tok/s':>12}{'MFU':>8}")
+    print(f"{'model':<22}{'s/step':>10}{'tok/s':>12}{'MFU':>8}")
     for name, dts in results.items():
         dt = min(dts)
         tok_s = B * T / dt
         mfu = flops_tok * tok_s / peak
         out[f"{name}_tok_s"] = round(tok_s, 1)
         out[f"{name}_mfu"] = round(mfu, 4)
-        print(f"{name:<14}{dt:>10.3f}{tok_s:>12,.0f}{100 * mfu:>7.1f}%")
+        print(f"{name:<22}{dt:>10.3f}{tok_s:>12,.0f}{100 * mfu:>7.1f}%")
     out["ratio"] = round(out["candorlm_tok_s"] / out["transformers_tok_s"], 3)
-    print(f"candorlm / transformers: {out['ratio']:.2f}x (target >= 1.5x); MFU {100 * out['candorlm_mfu']:.0f}% (target >= 50%)")
+    print(f"candorlm / transformers, eager: {out['ratio']:.2f}x (target >= 1.5x); candorlm MFU {100 * out['candorlm_mfu']:.0f}%")
+    if not args.no_compile:
+        out["ratio_compiled"] = round(out["candorlm_compiled_tok_s"] / out["transformers_compiled_tok_s"], 3)
+        out["ratio_defaults"] = round(out["candorlm_compiled_tok_s"] / out["transformers_tok_s"], 3)
+        print(f"candorlm / transformers, compiled: {out['ratio_compiled']:.2f}x; each default "
+              f"(candorlm compiled, transformers eager): {out['ratio_defaults']:.2f}x; "
+              f"candorlm compiled MFU {100 * out['candorlm_compiled_mfu']:.0f}% (target >= 50%)")
     if args.ddp:
         sys.path.insert(0, os.path.dirname(__file__))
         from ddp_scaling import ddp_scaling

@@ -65,7 +65,7 @@ def micro_tokens(micro_docs, micro_tokenizer, tmp_path_factory) -> Path:
 MICRO = [("model.d_model", "64"), ("model.n_layers", "2"), ("model.n_heads", "4"), ("model.n_kv_heads", "2"),
          ("train.seq_len", "64"), ("train.batch_size", "4"), ("train.max_steps", "12"), ("train.eval_every", "6"),
          ("train.eval_tokens", "2048"), ("train.save_every", "0"), ("train.warmup_steps", "3"),
-         ("train.time_budget_s", "0"), ("model.max_seq_len", "64")]
+         ("train.time_budget_s", "0"), ("model.max_seq_len", "64"), ("train.compile", "false")]
 
 
 def micro_config(*extra: tuple[str, str]):

@@ -108,3 +108,19 @@ def test_bad_config_is_a_clear_error():
         tiny(n_kv_heads=3).resolved()
     with pytest.raises(CandorError, match="pos_encoding"):
         tiny(pos_encoding="xpos").resolved()
+
+
+@pytest.mark.parametrize("pattern", ["SL", "SSSL"])
+def test_flex_attention_sliding_windows_equal_sdpa_masks(pattern, monkeypatch):
+    """The GPU path (FlexAttention block masks) computes what the CPU path (SDPA with a
+    boolean mask) does; FlexAttention runs forward-only on CPU, enough to compare."""
+    import candorlm.model.attention as A
+
+    torch.manual_seed(0)
+    m = Transformer(tiny(window_pattern=pattern, n_layers=4, window_size=5, max_seq_len=128)).eval()
+    x = torch.randint(0, 97, (2, 128))
+    with torch.no_grad():
+        ref = m(x)
+        monkeypatch.setattr(A, "FLEX", "always")
+        flex = m(x)
+    torch.testing.assert_close(flex, ref, atol=2e-5, rtol=1e-4)

@@ -6,6 +6,8 @@ Knows nothing of training, serving or parallelism.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,6 +44,38 @@ class KVCache:
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+# Sliding windows on CUDA go through FlexAttention's block-sparse kernel, which skips the
+# blocks outside the window instead of masking them (an SDPA mask still computes every
+# block). FlexAttention has no backward on CPU, so CPU training keeps SDPA with a mask.
+# "auto": CUDA training/prefill without ALiBi; "always": also on CPU (inference, tests).
+FLEX = "auto"
+
+
+def use_flex(device: torch.device, window: int, slopes, start: int) -> bool:
+    if window == 0 or slopes is not None or start != 0 or FLEX == "never":
+        return False
+    return FLEX == "always" or device.type == "cuda"
+
+
+@functools.lru_cache(maxsize=32)
+def sliding_block_mask(q_len: int, window: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def sliding(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
+
+    return create_block_mask(sliding, B=None, H=None, Q_LEN=q_len, KV_LEN=q_len, device=device)
+
+
+@functools.cache
+def _flex_attention(device_type: str):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Compiled on CUDA (the eager version materialises scores); eager on CPU, where it is
+    # only a reference path.
+    return torch.compile(flex_attention) if device_type == "cuda" else flex_attention
 
 
 def build_mask(q_len: int, start: int, window: int, slopes: torch.Tensor | None, device, dtype) -> torch.Tensor | None:
@@ -95,8 +129,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype), start)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
-        )
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            y = _flex_attention(q.device.type)(q, k, v, block_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            is_causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+            )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

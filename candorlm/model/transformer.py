@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from candorlm.config import ModelConfig
 from candorlm.model.loss import fused_head_loss
-from candorlm.model.attention import Attention, KVCache, RMSNorm, build_mask
+from candorlm.model.attention import Attention, KVCache, RMSNorm, build_mask, sliding_block_mask, use_flex
 from candorlm.model.positions import alibi_slopes, rope_tables, sinusoidal_table
 
 
@@ -141,7 +141,8 @@ class Transformer(nn.Module):
         rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if cfg.pos_encoding == "rope" else None
         slopes = self.alibi if cfg.pos_encoding == "alibi" else None
         dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else x.dtype
-        masks = {w: build_mask(T, start, w, slopes, idx.device, dtype) for w in set(self.windows)}
+        masks = {w: (sliding_block_mask(T, w, str(idx.device)) if use_flex(idx.device, w, slopes, start)
+                     else build_mask(T, start, w, slopes, idx.device, dtype)) for w in set(self.windows)}
         for layer, block in enumerate(self.layers):
             x = block(x, rope, masks[self.windows[layer]], cache, start)
         if cache is not None:
