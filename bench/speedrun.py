@@ -20,7 +20,7 @@ tune anything but the lr, and it does not decide defaults: it prints the evidenc
 Time to target = the first time a variant's val-bpb curve (interpolated between evals)
 reaches the baseline's final bpb; ratio = that time / the baseline's whole run.
 
-    python bench/speedrun.py                 # full: ~26 min on 2 quiet cores (docs/speedrun.md)
+    python bench/speedrun.py                 # full: ~26 min on 2 quiet cores (docs/benchmarks.md)
     python bench/speedrun.py --quick         # smoke run: batch 4, 1 thread, seconds-long budgets (<= 3 min)
     python bench/speedrun.py --tokens runs/smoke/tokens --tokenizer runs/smoke/tokenizer
 

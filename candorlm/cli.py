@@ -64,7 +64,8 @@ def cmd_pretrain(args) -> None:
     result = pretrain(args.data, args.tokenizer, args.out, cfg, resume=args.resume)
     if result.get("interrupted"):
         sys.exit(130)
-    print(json.dumps({k: result[k] for k in ("step", "val_bpb", "tok_s", "mfu")}))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, not one per rank
+        print(json.dumps({k: result[k] for k in ("step", "val_bpb", "tok_s", "mfu")}))
 
 
 def cmd_generate(args) -> None:
@@ -109,7 +110,7 @@ def cmd_run(args) -> None:
     print()
     print(f"val bits-per-byte: {p['val_bpb']:.4f}   ({p['step']} steps, {p['tokens_seen']:,} tokens, "
           f"{p['tok_s']:,.0f} tok/s, MFU {100 * p['mfu']:.0f}%)")
-    print(f"completion of {s['completion']['prompt']!r}:")
+    print(f"greedy completion of {s['completion']['prompt']!r}:")
     print("-" * 60)
     print(s["completion"]["prompt"] + s["completion"]["text"])
     print("-" * 60)
@@ -177,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="stdlib")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--force", action="store_true", help="redo every stage")
-    p.add_argument("--prompt", default="def ")
+    # Greedy decoding of a bare "def " collapses into digits at this size; a little context
+    # gives a completion that reads as Python.
+    p.add_argument("--prompt", default="import os\n\n\ndef ")
     _add_config_args(p)
     curate.add_cli_arguments(p)
     p.set_defaults(func=cmd_run)

@@ -40,9 +40,14 @@ def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = torch.bfloat16
         a @ b
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
-    iters, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds or iters < 3:
-        a @ b
-        iters += 1
-    sync()
-    return 2 * n**3 * iters / (time.perf_counter() - t0)
+    best = 0.0
+    # The best of 3 rounds: the peak is what the machine can do, and a neighbour only slows
+    # a round down (single rounds varied 796-872 GFLOP/s on one machine).
+    for _ in range(3):
+        iters, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3 or iters < 2:
+            a @ b
+            iters += 1
+        sync()
+        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+    return best
