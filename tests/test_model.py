@@ -67,7 +67,9 @@ def test_fused_head_loss_matches_naive(softcap):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kw", [dict(mlp="relu2"), dict(mlp="gelu", norm="layernorm", qk_norm=False),
+@pytest.mark.parametrize("kw", [dict(pos_encoding=p) for p in POS] + [
+                                dict(window_pattern="SSSL", n_layers=4), dict(window_pattern="SL", pos_encoding="alibi"),
+                                dict(mlp="relu2"), dict(mlp="gelu", norm="layernorm", qk_norm=False),
                                 dict(n_kv_heads=1), dict(n_kv_heads=4), dict(tie_embeddings=False),
                                 dict(logit_softcap=30.0), dict(pos_encoding="learned", mlp="gelu")])
 def test_options_train(kw):
