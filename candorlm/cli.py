@@ -118,7 +118,7 @@ def cmd_run(args) -> None:
     print("next:")
     print(f"  candor generate --model {base} \"import os\\n\" --temperature 0.8")
     print(f"  candor eval --model {base} --data {s['run_dir']}/tokens")
-    print(f"  python -c \"import candorlm; print(candorlm.load('{base}').generate('def ', max_new_tokens=64))\"")
+    print(f"  python -c \"import candorlm; print(candorlm.load('{base}').generate('def', max_new_tokens=64))\"")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="stdlib")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--force", action="store_true", help="redo every stage")
-    # Greedy decoding of a bare "def " collapses into digits at this size; a little context
-    # gives a completion that reads as Python.
-    p.add_argument("--prompt", default="import os\n\n\ndef ")
+    # No trailing space: the tokenizer puts a word's leading space in the word's token, so a
+    # prompt ending in " " leaves the model at a boundary it rarely saw ("def " -> digits).
+    p.add_argument("--prompt", default="class")
     _add_config_args(p)
     curate.add_cli_arguments(p)
     p.set_defaults(func=cmd_run)

@@ -140,8 +140,8 @@ class RunConfig:
 # with 64-dim heads (nanochat's rule); batch and schedule follow from the compute budget.
 PRESETS: dict[str, dict[str, object]] = {
     # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval) fits 15 min on 2
-    # cores: the time budget fixes the step count after 6 timed steps. Measured: 9:52 for the
-    # whole demo at a 600 s budget (data 7 s, tokenizer 4 s, shards 4 s, pretrain 571 s). torch.compile: 0.68 s vs 0.90 s per
+    # cores: the time budget fixes the step count after 6 timed steps. Measured: 10:37 for a
+    # fresh clone's `make demo` (set-up included) at this budget (docs/benchmarks.md). torch.compile: 0.68 s vs 0.90 s per
     # step after ~30 s of compiling (bench/train_throughput.py), so it pays for itself in 2 min.
     "cpu-tiny": {
         "model.d_model": 256, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 2,

@@ -41,7 +41,7 @@ def say(msg: str) -> None:
 
 
 def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, curate_cfg=None, workers: int = 0,
-        prompt: str = "import os\n\n\ndef ", quiet: bool = False) -> dict:
+        prompt: str = "class", quiet: bool = False) -> dict:
     from candorlm.data import curate as curation
     from candorlm.data.documents import documents_fingerprint, iter_documents
     from candorlm.data.shards import build_shards
