@@ -24,21 +24,43 @@ class LoadedModel:
         self.generation_config = json.loads(gpath.read_text()) if gpath.is_file() else {}
         sp = self.tokenizer.special_ids
         self.stop_ids = {sp["bos"], sp["end"]}
+        self._vocab_bytes: list[bytes] | None = None
 
     @property
     def config(self):
         return self.model.cfg
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> str:
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 heal: bool = True) -> str:
         """The completion of `prompt` (without the prompt). temperature=0 is greedy."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed))
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, heal))
 
-    def stream(self, prompt: str, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None):
+    def _healing(self, ids: list[int]) -> tuple[list[int], torch.Tensor | None, bytes]:
+        """Token healing: drop the prompt's last token and make the first generated token
+        start with its bytes. A prompt ending in "def " otherwise ends on a lone-space token
+        the model rarely saw, since the tokenizer attaches leading spaces to words."""
+        if len(ids) < 2:
+            return ids, None, b""
+        tail = self.tokenizer.id_to_bytes(ids[-1])
+        if not tail:
+            return ids, None, b""
+        if self._vocab_bytes is None:
+            n = self.model.cfg.vocab_size
+            self._vocab_bytes = [self.tokenizer.id_to_bytes(i) if i < self.tokenizer.vocab_size else b"" for i in range(n)]
+            self._special = set(self.tokenizer.special_ids.values())
+        allowed = torch.tensor([b.startswith(tail) and i not in self._special for i, b in enumerate(self._vocab_bytes)])
+        return ids[:-1], allowed, tail
+
+    def stream(self, prompt: str, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,
+               heal: bool = True):
         """Yield the completion as text pieces; bytes of a character split across tokens are
-        held back until the character is whole."""
+        held back until the character is whole. heal: token healing (see `_healing`)."""
         g = self.generation_config
         ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
+        allowed, skip = None, b""
+        if heal:
+            ids, allowed, skip = self._healing(ids)
         pending = b""
         for tok in generate_ids(
             self.model, ids,
@@ -46,9 +68,11 @@ class LoadedModel:
             temperature=g.get("temperature", 0.8) if temperature is None else temperature,
             top_k=g.get("top_k", 0) if top_k is None else top_k,
             top_p=g.get("top_p", 1.0) if top_p is None else top_p,
-            seed=seed, stop_ids=self.stop_ids,
+            seed=seed, stop_ids=self.stop_ids, first_allowed=allowed,
         ):
             pending += self.tokenizer.id_to_bytes(tok)
+            if skip:  # the healed prompt bytes are the prompt's, not the completion's
+                pending, skip = pending[len(skip):], b""
             try:
                 text = pending.decode("utf-8")
             except UnicodeDecodeError as e:

@@ -178,8 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="stdlib")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--force", action="store_true", help="redo every stage")
-    # No trailing space: the tokenizer puts a word's leading space in the word's token, so a
-    # prompt ending in " " leaves the model at a boundary it rarely saw ("def " -> digits).
     p.add_argument("--prompt", default="class")
     _add_config_args(p)
     curate.add_cli_arguments(p)

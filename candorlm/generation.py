@@ -38,9 +38,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_ids: set[int] | None = None,
-                 use_cache: bool = True) -> Iterator[int]:
+                 use_cache: bool = True, first_allowed: torch.Tensor | None = None) -> Iterator[int]:
     """Yield new token ids one at a time. use_cache=False recomputes the whole sequence each
-    step: the obviously-correct path."""
+    step: the obviously-correct path. first_allowed: a bool mask over the vocabulary that the
+    first sampled token must satisfy (token healing)."""
     model.eval()
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
@@ -56,6 +57,8 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     stop_ids = stop_ids or set()
     cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, device=device) if use_cache else None
     logits = model(torch.tensor([ids], device=device), cache=cache, start=0)[:, -1]
+    if first_allowed is not None:
+        logits = logits.masked_fill(~first_allowed.to(device), float("-inf"))
     for i in range(max_new_tokens):
         nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
         if nxt in stop_ids:

@@ -57,3 +57,24 @@ def test_prompt_longer_than_context_is_truncated(micro_model):
     m = load_model(micro_model)
     out = list(generate_ids(m, list(range(1, 300)), 10, temperature=0))
     assert len(out) <= 10
+
+
+def test_token_healing_regenerates_the_last_prompt_token(micro_model):
+    import candorlm
+
+    m = candorlm.load(micro_model)
+    prompt = "def f(x):\n    return "
+    ids = [m.tokenizer.bos_id] + m.tokenizer.encode(prompt)
+    base, allowed, tail = m._healing(ids)
+    assert base == ids[:-1] and tail == m.tokenizer.id_to_bytes(ids[-1]) and tail
+    picked = allowed.nonzero().flatten().tolist()
+    assert ids[-1] in picked and all(m._vocab_bytes[i].startswith(tail) for i in picked)
+    assert not set(picked) & set(m.tokenizer.special_ids.values())
+    out = list(generate_ids(m.model, base, 8, temperature=0, first_allowed=allowed, stop_ids=m.stop_ids))
+    raw = b"".join(m.tokenizer.id_to_bytes(i) for i in out)
+    assert raw.startswith(tail)
+    assert m.generate(prompt, max_new_tokens=8, temperature=0) == raw[len(tail):].decode("utf-8", errors="replace")
+    # without healing, the prompt's tokens are kept as they are
+    plain = list(generate_ids(m.model, ids, 8, temperature=0, stop_ids=m.stop_ids))
+    text = b"".join(m.tokenizer.id_to_bytes(i) for i in plain).decode("utf-8", errors="replace")
+    assert m.generate(prompt, max_new_tokens=8, temperature=0, heal=False) == text
