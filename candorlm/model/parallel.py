@@ -1,25 +1,20 @@
-"""Parallelism applied to a built model from outside (the torchtitan pattern), and the
-distributed half of checkpointing.
+"""Parallelism applied to a built model from outside (the torchtitan pattern).
 
 `transformer.py` stays single-device. This module reads torchrun's environment, wraps the
 model for `train.parallel` = none | ddp | fsdp | tp | fsdp+tp in torchtitan's order (tensor
 parallel -> activation checkpointing -> compile -> FSDP; see `parallelize` for one exception),
-runs Muon on whole matrices when parameters are sharded, and saves/loads sharded model and
-optimizer states with `torch.distributed.checkpoint` (DCP). It does not choose optimizers,
-draw data or write model directories: the training loop does, asking this module for ranks,
-the wrapped model and consolidated states. docs/scaling.md explains the choices.
+and runs Muon on whole matrices when parameters are sharded. Sharded checkpoints are in
+train/dist_checkpoint.py. It does not choose optimizers, draw data or write model
+directories: the training loop does, asking this module for ranks and the wrapped model.
+docs/scaling.md explains the choices.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import io
 import os
-import pickle
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -328,159 +323,6 @@ def clip_grad_norm_(model, max_norm: float) -> torch.Tensor:
             for g in grads:
                 g.mul_(coef)
     return torch.tensor(total)
-
-
-# --- checkpoints ----------------------------------------------------------------------------
-# Single process and DDP keep the plain format (train/checkpoint.py): every rank holds whole
-# optimizer states, rank 0 writes them, any number of ranks reads them. FSDP and TP shard the
-# states, so every rank writes its shards with DCP into train_state/dcp/ inside the same staged
-# commit; DCP records each shard's place in the full tensor and reshards on load, so N ranks
-# resume on M (one process loads whole tensors without a process group).
-
-def consolidated_states(model, train_model, optimizers, dist: DistInfo):
-    """(full fp32 weights for model.safetensors, optimizer-states entry for optimizer.pt):
-    (None, None) where the plain format applies; for sharded runs, weights gathered to rank 0
-    (a collective: every rank calls it) and a pointer to the DCP shards."""
-    if not _is_sharded(model):
-        return None, None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.rank != 0:
-        return None, None
-    sd = {k: v.to(torch.float32).contiguous() for k, v in full.items()}
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd, {"format": "dcp", "path": DCP_DIR}
-
-
-def stage_sharded_states(out_dir, model, optimizers, dist: DistInfo) -> bool:
-    """Sharded runs: rank 0 opens out_dir/.staging, then every rank writes its shards of the
-    model and optimizer states into .staging/train_state/dcp; the caller's rank 0 then adds
-    the model directory files and commits. Returns whether it staged (False: plain format)."""
-    if not _is_sharded(model):
-        return False
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from candorlm.model.io import staging_dir
-
-    path = Path(out_dir) / ".staging" / "train_state" / DCP_DIR
-    if dist.rank == 0:
-        staging_dir(out_dir)
-        path.mkdir(parents=True)
-    barrier(dist)
-    msd, osd = get_state_dict(model, optimizers)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
-    return True
-
-
-def load_optimizer_states(optimizers, states, model, train_model, dist: DistInfo) -> None:
-    """states: the `optimizers` entry of optimizer.pt. A DCP pointer loads weights and
-    optimizer states from the shards, resharded for this run (or whole, in one process);
-    positional full states load as they are, or are sharded for FSDP/TP (1 -> N ranks)."""
-    if isinstance(states, dict) and states.get("format") == "dcp":
-        _load_dcp(states["path"], model, optimizers)
-    elif _is_sharded(model):
-        _load_full_optimizer_states(states, model, optimizers)
-    else:
-        for opt, st in zip(optimizers, states):
-            opt.load_state_dict(st)
-
-
-def _load_dcp(path, model, optimizers) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    if not Path(path).is_dir():
-        raise CandorError(f"--resume: {path} is missing; the checkpoint's DCP shards are needed to resume it")
-    _schedule_keys(optimizers)
-    msd, osd = get_state_dict(model, optimizers)  # templates: the shapes and shards this run wants
-    state = {"model": msd, "optim": osd}
-    with warnings.catch_warnings():  # "assuming ... load in a single process": it is, by design
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=_safe_reader(str(path)), planner=_safe_load_planner())
-    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def _load_full_optimizer_states(states: list[dict], model, optimizers) -> None:
-    """Positional single-process states -> name-keyed full states -> this run's shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    _schedule_keys(optimizers)
-    names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
-    osd = {"state": {}, "param_groups": []}
-    for opt, st in zip(optimizers, states):
-        for group, saved in zip(opt.param_groups, st["param_groups"]):
-            fqns = [names[id(p)] for p in group["params"]]
-            for fqn, idx in zip(fqns, saved["params"]):
-                if idx in st["state"]:
-                    osd["state"][fqn] = st["state"][idx]
-            osd["param_groups"].append({**saved, "params": fqns})
-    set_optimizer_state_dict(model, optimizers, osd, options=StateDictOptions(full_state_dict=True))
-
-
-def _schedule_keys(optimizers) -> None:
-    """Loading fills only the keys a fresh optimizer has; the schedule's base lr
-    (`initial_lr`, train/optim.set_lr) must be among them, or it would be lost on resume."""
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g.setdefault("initial_lr", g["lr"])
-
-
-def _clean_name(n: str) -> str:
-    return n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-
-
-# DCP writes its index (.metadata) with pickle and reads it, and non-tensor values, with
-# unrestricted pickle. Our rule is that loading never runs code from a file, so the readers
-# below admit only the classes DCP's index is made of and plain values (torch.load weights_only).
-_META = "torch.distributed.checkpoint.metadata"
-_SAFE_GLOBALS = {(_META, n) for n in ("Metadata", "TensorStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
-                                      "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex", "StorageMeta")} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")} | {
-    ("torch", str(d).split(".")[1]) for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-                                               torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"DCP metadata refers to {module}.{name}, which a checkpoint index never needs")
-
-
-def _safe_reader(path: str):
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import StorageMeta
-
-    class SafeReader(FileSystemReader):
-        def read_metadata(self, *args, **kwargs):  # FileSystemReader's, with the restricted unpickler
-            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
-            return metadata
-
-    return SafeReader(path)
-
-
-def _safe_load_planner():
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-    from torch.distributed.checkpoint._traverse import set_element
-
-    class SafeLoadPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value: io.BytesIO) -> None:
-            obj = torch.load(value, weights_only=True)  # DefaultLoadPlanner: weights_only=False
-            if self.flatten_state_dict:
-                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-            else:
-                self.state_dict[read_item.dest_index.fqn] = obj
-
-    return SafeLoadPlanner()
 
 
 # --- small collectives ------------------------------------------------------------------------

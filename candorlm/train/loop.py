@@ -1,8 +1,8 @@
 """Pretraining: the training loop, its evaluation, logging and checkpoints (`candor pretrain`).
 
 The same loop runs in one process and under torchrun: model/parallel.py wraps the model for
-DDP/FSDP/TP, and this loop asks it for the ranks, a few collectives and consolidated states
-(docs/scaling.md).
+DDP/FSDP/TP and gives the ranks and a few collectives; train/dist_checkpoint.py saves and
+loads sharded states (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from candorlm.data.loader import TrainBatches, eval_windows, open_tokens
 from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
 from candorlm.train import checkpoint as ckpt
+from candorlm.train import dist_checkpoint
 from candorlm.train.hardware import autocast_dtype, matmul_flops
 from candorlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
@@ -128,7 +129,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     optimizers = build_optimizers(model if tcfg.parallel in ("none", "ddp") else train_model, tcfg)
     optimizers = parallel.adapt_optimizers(optimizers, model)  # sharded runs: Muon on whole matrices
     if payload is not None:
-        parallel.load_optimizer_states(optimizers, payload["optimizers"], model, train_model, dist)
+        dist_checkpoint.load_optimizer_states(optimizers, payload["optimizers"], model, train_model, dist)
         ckpt.restore_rng(state, payload)
 
     amp = autocast_dtype(device, tcfg.dtype)
@@ -150,8 +151,8 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
                 f.write(json.dumps(rec) + "\n")
 
     def save() -> None:
-        sd, opt_states = parallel.consolidated_states(model, train_model, optimizers, dist)
-        staged = parallel.stage_sharded_states(out_dir, model, optimizers, dist)
+        sd, opt_states = dist_checkpoint.consolidated_states(model, train_model, optimizers, dist)
+        staged = dist_checkpoint.stage_sharded_states(out_dir, model, optimizers, dist)
         if dist.rank == 0:
             ckpt.save_checkpoint(out_dir, model, tokenizer_dir, optimizers, state, run_cfg_dict,
                                  state_dict=sd, optim_states=opt_states, staged=staged)
