@@ -24,7 +24,6 @@ class LoadedModel:
         self.generation_config = json.loads(gpath.read_text()) if gpath.is_file() else {}
         sp = self.tokenizer.special_ids
         self.stop_ids = {sp["bos"], sp["end"]}
-        self._vocab_bytes: list[bytes] | None = None
 
     @property
     def config(self):
@@ -45,11 +44,10 @@ class LoadedModel:
         tail = self.tokenizer.id_to_bytes(ids[-1])
         if not tail:
             return ids, None, b""
-        if self._vocab_bytes is None:
-            n = self.model.cfg.vocab_size
-            self._vocab_bytes = [self.tokenizer.id_to_bytes(i) if i < self.tokenizer.vocab_size else b"" for i in range(n)]
-            self._special = set(self.tokenizer.special_ids.values())
-        allowed = torch.tensor([b.startswith(tail) and i not in self._special for i, b in enumerate(self._vocab_bytes)])
+        special = set(self.tokenizer.special_ids.values())
+        allowed = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool)
+        allowed[[i for i in range(self.tokenizer.vocab_size)
+                 if i not in special and self.tokenizer.id_to_bytes(i).startswith(tail)]] = True
         return ids[:-1], allowed, tail
 
     def stream(self, prompt: str, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,

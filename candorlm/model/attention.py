@@ -49,7 +49,8 @@ class KVCache:
 # Sliding windows on CUDA go through FlexAttention's block-sparse kernel, which skips the
 # blocks outside the window instead of masking them (an SDPA mask still computes every
 # block). FlexAttention has no backward on CPU, so CPU training keeps SDPA with a mask.
-# "auto": CUDA training/prefill without ALiBi; "always": also on CPU (inference, tests).
+# "auto": CUDA training/prefill without ALiBi; "always": also on CPU (inference, tests);
+# "never": SDPA masks everywhere.
 FLEX = "auto"
 
 

@@ -23,9 +23,11 @@ from candorlm.model.transformer import Transformer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
-def weights_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Contiguous fp32 CPU tensors; the tied head is dropped (safetensors stores no aliases)."""
-    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+def weights_state_dict(model: Transformer, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """What model.safetensors holds: contiguous fp32 CPU tensors of `state_dict` (default: the
+    model's own); the tied head is dropped (safetensors stores no aliases)."""
+    source = model.state_dict() if state_dict is None else state_dict
+    sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in source.items()}
     if model.cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return sd

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from candorlm.errors import CandorError
+from candorlm.model.io import weights_state_dict
 from candorlm.model.parallel import DCP_DIR, DistInfo, _is_sharded, barrier
+from candorlm.train.optim import remember_base_lrs
 
 # --- checkpoints ----------------------------------------------------------------------------
 # Single process and DDP keep the plain format (train/checkpoint.py): every rank holds whole
@@ -24,7 +26,7 @@ from candorlm.model.parallel import DCP_DIR, DistInfo, _is_sharded, barrier
 # commit; DCP records each shard's place in the full tensor and reshards on load, so N ranks
 # resume on M (one process loads whole tensors without a process group).
 
-def consolidated_states(model, train_model, optimizers, dist: DistInfo):
+def consolidated_states(model, dist: DistInfo):
     """(full fp32 weights for model.safetensors, optimizer-states entry for optimizer.pt):
     (None, None) where the plain format applies; for sharded runs, weights gathered to rank 0
     (a collective: every rank calls it) and a pointer to the DCP shards."""
@@ -35,10 +37,7 @@ def consolidated_states(model, train_model, optimizers, dist: DistInfo):
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.rank != 0:
         return None, None
-    sd = {k: v.to(torch.float32).contiguous() for k, v in full.items()}
-    if model.cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    return sd, {"format": "dcp", "path": DCP_DIR}
+    return weights_state_dict(model, full), {"format": "dcp", "path": DCP_DIR}
 
 
 def stage_sharded_states(out_dir, model, optimizers, dist: DistInfo) -> bool:
@@ -62,7 +61,7 @@ def stage_sharded_states(out_dir, model, optimizers, dist: DistInfo) -> bool:
     return True
 
 
-def load_optimizer_states(optimizers, states, model, train_model, dist: DistInfo) -> None:
+def load_optimizer_states(optimizers, states, model) -> None:
     """states: the `optimizers` entry of optimizer.pt. A DCP pointer loads weights and
     optimizer states from the shards, resharded for this run (or whole, in one process);
     positional full states load as they are, or are sharded for FSDP/TP (1 -> N ranks)."""
@@ -81,7 +80,9 @@ def _load_dcp(path, model, optimizers) -> None:
 
     if not Path(path).is_dir():
         raise CandorError(f"--resume: {path} is missing; the checkpoint's DCP shards are needed to resume it")
-    _schedule_keys(optimizers)
+    # Loading fills only the keys a fresh optimizer has; the schedule's base lr must be among
+    # them, or it would be lost on resume.
+    remember_base_lrs(optimizers)
     msd, osd = get_state_dict(model, optimizers)  # templates: the shapes and shards this run wants
     state = {"model": msd, "optim": osd}
     with warnings.catch_warnings():  # "assuming ... load in a single process": it is, by design
@@ -94,7 +95,7 @@ def _load_full_optimizer_states(states: list[dict], model, optimizers) -> None:
     """Positional single-process states -> name-keyed full states -> this run's shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    _schedule_keys(optimizers)
+    remember_base_lrs(optimizers)  # see _load_dcp
     names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
     osd = {"state": {}, "param_groups": []}
     for opt, st in zip(optimizers, states):
@@ -105,14 +106,6 @@ def _load_full_optimizer_states(states: list[dict], model, optimizers) -> None:
                     osd["state"][fqn] = st["state"][idx]
             osd["param_groups"].append({**saved, "params": fqns})
     set_optimizer_state_dict(model, optimizers, osd, options=StateDictOptions(full_state_dict=True))
-
-
-def _schedule_keys(optimizers) -> None:
-    """Loading fills only the keys a fresh optimizer has; the schedule's base lr
-    (`initial_lr`, train/optim.set_lr) must be among them, or it would be lost on resume."""
-    for opt in optimizers:
-        for g in opt.param_groups:
-            g.setdefault("initial_lr", g["lr"])
 
 
 def _clean_name(n: str) -> str:

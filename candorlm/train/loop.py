@@ -126,10 +126,13 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
         model.load_state_dict(sd, strict=not mcfg.tie_embeddings)
         log(f"resuming {out_dir} at step {state['step']} of {state['max_steps']}")
     train_model = parallel.parallelize(model, tcfg, dist)  # also activation checkpointing and compile
-    optimizers = build_optimizers(model if tcfg.parallel in ("none", "ddp") else train_model, tcfg)
+    # FSDP/TP replace the parameters with DTensors on train_model; otherwise `model` holds them
+    # (uncompiled and unwrapped, so eval runs it directly).
+    param_model = model if tcfg.parallel in ("none", "ddp") else train_model
+    optimizers = build_optimizers(param_model, tcfg)
     optimizers = parallel.adapt_optimizers(optimizers, model)  # sharded runs: Muon on whole matrices
     if payload is not None:
-        dist_checkpoint.load_optimizer_states(optimizers, payload["optimizers"], model, train_model, dist)
+        dist_checkpoint.load_optimizer_states(optimizers, payload["optimizers"], model)
         ckpt.restore_rng(state, payload)
 
     amp = autocast_dtype(device, tcfg.dtype)
@@ -151,7 +154,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
                 f.write(json.dumps(rec) + "\n")
 
     def save() -> None:
-        sd, opt_states = dist_checkpoint.consolidated_states(model, train_model, optimizers, dist)
+        sd, opt_states = dist_checkpoint.consolidated_states(model, dist)
         staged = dist_checkpoint.stage_sharded_states(out_dir, model, optimizers, dist)
         if dist.rank == 0:
             ckpt.save_checkpoint(out_dir, model, tokenizer_dir, optimizers, state, run_cfg_dict,
@@ -159,7 +162,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
         parallel.barrier(dist)
 
     def run_eval() -> dict:
-        r = evaluate_bpb(model if tcfg.parallel in ("none", "ddp") else train_model, val_tokens, token_bytes,
+        r = evaluate_bpb(param_model, val_tokens, token_bytes,
                          tcfg.seq_len, tcfg.eval_tokens, tcfg.batch_size, amp, device)
         write_log({"step": state["step"], "event": "eval", **r})
         return r

@@ -51,8 +51,15 @@ def lr_multiplier(step: int, max_steps: int, cfg: TrainConfig) -> float:
     return 1.0 - (1.0 - cfg.min_lr_frac) * min(1.0, frac)
 
 
-def set_lr(optimizers: list[torch.optim.Optimizer], mult: float) -> None:
+def remember_base_lrs(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Record each group's configured lr as `initial_lr`, the base the schedule scales."""
     for opt in optimizers:
         for g in opt.param_groups:
             g.setdefault("initial_lr", g["lr"])
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], mult: float) -> None:
+    remember_base_lrs(optimizers)
+    for opt in optimizers:
+        for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * mult
