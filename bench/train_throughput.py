@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from candorlm.config import build_config  # noqa: E402
 from candorlm.model.transformer import Transformer  # noqa: E402
-from candorlm.train.hardware import autocast_dtype, matmul_flops  # noqa: E402
+from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator, matmul_flops  # noqa: E402
 
 
 def hf_qwen3(mc):
@@ -60,6 +60,8 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="measure eager mode only")
     ap.add_argument("--ddp", action="store_true", help="also measure 2-process DDP scaling (bench/ddp_scaling.py)")
     args = ap.parse_args()
+    # Process-wide, so both libraries get it: the ratio compares the models, not the allocator.
+    configure_cpu_allocator()
     cfg = build_config(args.preset)
     mc, tc = cfg.model, cfg.train
     B, T = args.batch_size or tc.batch_size, tc.seq_len

@@ -84,4 +84,8 @@ class LoadedModel:
 
 
 def load(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
+    if torch.device(device).type == "cpu":
+        from candorlm.train.hardware import configure_cpu_allocator
+
+        configure_cpu_allocator()
     return LoadedModel(model_dir, device=device)

@@ -82,9 +82,10 @@ def cmd_generate(args) -> None:
 def cmd_eval(args) -> None:
     from candorlm.data.loader import open_tokens
     from candorlm.model.io import load_model
-    from candorlm.train.hardware import autocast_dtype
+    from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator
     from candorlm.train.loop import evaluate_bpb, token_bytes_for
 
+    configure_cpu_allocator()
     model = load_model(args.model)
     seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
     r = evaluate_bpb(model, open_tokens(args.data, "val"), token_bytes_for(args.model), seq_len, args.tokens, 8,

@@ -1,11 +1,14 @@
 """The transformer: KV-cache decode equals full recomputation for every positional encoding
-and window pattern; the fused loss equals the plain one; options build and train."""
+and window pattern; the fused loss and the CPU attention kernel equal the plain ones;
+options build and train."""
 
 import pytest
 import torch
 
 from candorlm.config import ModelConfig
 from candorlm.model.attention import KVCache
+from candorlm.model import loss as loss_mod
+from candorlm.model.attention import causal_attention
 from candorlm.model.loss import fused_head_loss, naive_head_loss
 from candorlm.model.transformer import Transformer
 
@@ -63,6 +66,78 @@ def test_fused_head_loss_matches_naive(softcap):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     ga = torch.autograd.grad(fused_head_loss(x, w, t, softcap).sum(), (x, w))
     gb = torch.autograd.grad(naive_head_loss(x, w, t, softcap).sum(), (x, w))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 15.0])
+def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
+    """Several chunks (the summed path computes its gradients in forward), gradients for x
+    only and for w only, bf16 autocast, and a forward without gradients."""
+    monkeypatch.setattr(loss_mod, "SUM_CHUNK_ROWS", 96)
+    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 64)
+    torch.manual_seed(1)
+    x = torch.randn(333, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (333,))
+    t[5::11] = -1
+    for red in ("mean", "sum"):
+        ga = torch.autograd.grad(fused_head_loss(x, w, t, softcap, red), (x, w))
+        gb = torch.autograd.grad(naive_head_loss(x, w, t, softcap, red), (x, w))
+        for u, v in zip(ga, gb):
+            torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+    # Per-token losses weighted unevenly go through the recomputing path.
+    wts = torch.rand(333)
+    ga = torch.autograd.grad((fused_head_loss(x, w, t, softcap, "none") * wts).sum(), (x, w))
+    gb = torch.autograd.grad((naive_head_loss(x, w, t, softcap, "none") * wts).sum(), (x, w))
+    for u, v in zip(ga, gb):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+    (gx,) = torch.autograd.grad(fused_head_loss(x, w.detach(), t, softcap), (x,))
+    torch.testing.assert_close(gx, torch.autograd.grad(naive_head_loss(x, w.detach(), t, softcap), (x,))[0], atol=1e-5, rtol=1e-4)
+    (gw,) = torch.autograd.grad(fused_head_loss(x.detach(), w, t, softcap), (w,))
+    torch.testing.assert_close(gw, torch.autograd.grad(naive_head_loss(x.detach(), w, t, softcap), (w,))[0], atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_head_loss(x, w, t, softcap), naive_head_loss(x, w, t, softcap))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = fused_head_loss(x, w, t, softcap)
+        b = naive_head_loss(x.bfloat16(), w.bfloat16(), t, softcap)
+    torch.testing.assert_close(a, b, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)])
+def test_cpu_attention_kernel_matches_sdpa(heads):
+    """The CPU training attention (batched matmuls, grouped heads stacked on rows) against
+    SDPA: float64 values, and gradients by finite differences (gradcheck)."""
+    H, KV = heads
+    torch.manual_seed(0)
+    # q as the model makes it: a transposed view of (B, T, H, D).
+    q = torch.randn(2, 13, H, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, KV, 13, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, KV, 13, 8, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
+    torch.testing.assert_close(causal_attention(q, k, v), ref)
+    assert torch.autograd.gradcheck(causal_attention, (q, k, v))
+
+
+def test_training_step_same_with_and_without_cpu_attention_kernel(monkeypatch):
+    """A model's loss and gradients are the kernel's or SDPA's alike (float32)."""
+    import candorlm.model.attention as A
+
+    torch.manual_seed(0)
+    m = Transformer(tiny(n_layers=2))
+    x = torch.randint(0, 97, (3, 40))
+
+    def grads():
+        m.zero_grad()
+        loss = m(x[:, :-1], x[:, 1:])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    assert A.use_cpu_attention(torch.zeros(3, 4, 39, 16, requires_grad=True), torch.zeros(3, 2, 39, 16))
+    la, ga = grads()
+    monkeypatch.setattr(A, "CPU_ATTENTION", "never")
+    lb, gb = grads()
+    torch.testing.assert_close(la, lb)
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 

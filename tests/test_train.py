@@ -138,3 +138,32 @@ def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, 
 def test_resume_without_checkpoint_is_a_clear_error(micro_tokens, micro_tokenizer, tmp_path):
     with pytest.raises(CandorError, match="no checkpoint"):
         pretrain(micro_tokens, micro_tokenizer, tmp_path / "none", micro_config(), quiet=True, resume=True)
+
+
+ALLOCATOR_PROBE = """
+import sys, torch
+from candorlm.train.hardware import configure_cpu_allocator
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+applied = configure_cpu_allocator()
+t = torch.ones(64 << 20, dtype=torch.uint8)  # 64 MB, touched
+held = rss_mb()
+del t
+print(applied, round(held - rss_mb()))
+"""
+
+
+@pytest.mark.parametrize("env, applied", [({}, True), ({"MALLOC_MMAP_THRESHOLD_": "131072"}, False)])
+def test_cpu_allocator_keeps_freed_blocks_unless_the_user_chose(env, applied):
+    """Configured, a freed 64 MB block stays in the heap (no page faults when the next step
+    asks again); with the user's own glibc setting, candorlm leaves malloc alone and the block
+    goes back to the kernel."""
+    out = subprocess.run([sys.executable, "-c", ALLOCATOR_PROBE], env={**os.environ, **env},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == str(applied)
+    released = int(out[1])
+    assert (released < 8) if applied else (released > 56), out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import time
 from pathlib import Path
 
@@ -51,3 +52,40 @@ def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = torch.bfloat16
         sync()
         best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
     return best
+
+
+_ALLOCATOR_DONE = False
+
+
+def configure_cpu_allocator() -> bool:
+    """Keep freed memory in glibc's heap instead of returning it to the kernel.
+
+    glibc serves large blocks (>= 128 KB, rising to 32 MB) with fresh `mmap`s and unmaps them
+    on free, so every step's big activations (an 8k x 8k bf16 logits block is 128 MB) arrive
+    as untouched pages and each first touch is a page fault. Measured on 2 cores: the head's
+    8192 x 256 x 8192 bf16 matmul ran at 447 GFLOP/s that way and at 888 GFLOP/s with the heap
+    kept; an fp32 softmax over 8M elements took 12.9 ms instead of 2.1 ms. PyTorch has no
+    caching allocator on CPU, so this is what jemalloc/tcmalloc preloads are usually for.
+
+    Process-wide and idempotent; a no-op off glibc, and when the user already chose (glibc's
+    MALLOC_*_ env vars or an LD_PRELOADed allocator). The cost: the process keeps its peak
+    heap until it exits. Returns whether the settings were applied."""
+    global _ALLOCATOR_DONE
+    if _ALLOCATOR_DONE:
+        return True
+    if os.environ.get("LD_PRELOAD") or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # Blocks below 1 GiB come from the heap (accepted by glibc 2.36 here); a build that refuses
+    # it gets 32 MB, the largest dynamic threshold glibc picks by itself on 64-bit.
+    threshold = mallopt(M_MMAP_THRESHOLD, 1 << 30) == 1 or mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+    ok = threshold and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    _ALLOCATOR_DONE = ok
+    return ok

@@ -24,7 +24,7 @@ from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
 from candorlm.train import checkpoint as ckpt
 from candorlm.train import dist_checkpoint
-from candorlm.train.hardware import autocast_dtype, matmul_flops
+from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator, matmul_flops
 from candorlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 CALIBRATION_STEPS = 6  # steps timed before a time budget fixes max_steps
@@ -98,6 +98,8 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     dist = parallel.init_distributed()
     device = device or dist.device
     tcfg, mcfg = cfg.train, cfg.model
+    if torch.device(device).type == "cpu":
+        configure_cpu_allocator()
     meta_path = Path(tokens_dir) / "meta.json"
     if not meta_path.is_file():
         raise CandorError(f"{tokens_dir} is not a token directory (no meta.json); make one with `candor tokenize` or `candor run`")
