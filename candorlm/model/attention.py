@@ -11,6 +11,7 @@ import functools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from candorlm.config import ModelConfig
 from candorlm.model.positions import apply_rope
@@ -119,6 +120,7 @@ class _CausalAttention(torch.autograd.Function):
         return torch.matmul(p, v).view(B, H, T, D)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         qg, k, v, p = ctx.saved_tensors
         do = grad_out.reshape(qg.shape)

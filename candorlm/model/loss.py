@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # 256 rows x 8k vocab x fp32 = 8 MB blocks for the recomputing path.
 CHUNK_ROWS = 256
@@ -123,6 +124,7 @@ class _FusedHeadCESum(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total):
         saved = list(ctx.saved_tensors)
         has_x, has_w = ctx.has
