@@ -1,8 +1,9 @@
 """Training throughput and MFU of candorlm's transformer against `transformers`' Qwen3ForCausalLM
 of the same shape, measured in one run on this machine; optionally 2-process DDP scaling.
 
-Both models train with the same optimizer (AdamW), batch, sequence length and precision
-(bf16 autocast where the CPU has it), so the ratio isolates the model implementation.
+Both models train in one process with the same optimizer (AdamW), batch, sequence length,
+precision (bf16 autocast where the CPU has it) and allocator setting (candorlm's
+`configure_cpu_allocator` is process-wide), so the ratio isolates the model implementation.
 MFU = (training FLOPs/token x tokens/s) / the bf16 matmul rate measured here at start.
 
     python bench/train_throughput.py [--preset cpu-tiny] [--steps 8] [--no-compile] [--ddp]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -157,6 +158,7 @@ print(applied, round(held - rss_mb()))
 """
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt settings are glibc's")
 @pytest.mark.parametrize("env, applied", [({}, True), ({"MALLOC_MMAP_THRESHOLD_": "131072"}, False)])
 def test_cpu_allocator_keeps_freed_blocks_unless_the_user_chose(env, applied):
     """Configured, a freed 64 MB block stays in the heap (no page faults when the next step
