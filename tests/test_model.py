@@ -133,7 +133,14 @@ def test_training_step_same_with_and_without_cpu_attention_kernel(monkeypatch):
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in m.parameters()]
 
-    assert A.use_cpu_attention(torch.zeros(3, 4, 39, 16, requires_grad=True), torch.zeros(3, 2, 39, 16))
+    q, k = torch.zeros(3, 4, 39, 16, requires_grad=True), torch.zeros(3, 2, 39, 16)
+    assert A.use_cpu_attention(q, k)
+    with torch.no_grad():
+        assert not A.use_cpu_attention(q, k)  # inference keeps SDPA
+    assert not A.use_cpu_attention(q.detach(), k)
+    monkeypatch.setattr(A, "CPU_ATTENTION_MAX_BYTES", 3 * 4 * 39 * 39 * 4 - 1)
+    assert not A.use_cpu_attention(q, k)  # probabilities over the cap: SDPA's O(T) memory
+    monkeypatch.setattr(A, "CPU_ATTENTION_MAX_BYTES", 256 << 20)
     la, ga = grads()
     monkeypatch.setattr(A, "CPU_ATTENTION", "never")
     lb, gb = grads()
