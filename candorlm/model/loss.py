@@ -40,6 +40,18 @@ def _chunk_log_probs(x, w, softcap):
     return torch.log_softmax(z, dim=-1, dtype=torch.float32), None
 
 
+def _logit_grad(logp, targets, tanh, dtype, row_scale=None):
+    """d loss_i / d z_ij = p_ij - [j == t_i] (times row_scale_i), through the soft cap times
+    1 - tanh^2, formed in place over logp and cast to the matmul dtype. targets: (rows, 1)."""
+    p = logp.exp_()
+    p.scatter_add_(1, targets, torch.full((p.shape[0], 1), -1.0, device=p.device))
+    if row_scale is not None:
+        p.mul_(row_scale)
+    if tanh is not None:
+        p.mul_(1 - tanh.square())
+    return p.to(dtype)
+
+
 class _FusedHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, targets, softcap):
@@ -67,13 +79,7 @@ class _FusedHeadCE(torch.autograd.Function):
         for s in range(0, n, CHUNK_ROWS):
             e = min(s + CHUNK_ROWS, n)
             logp, tanh = _chunk_log_probs(x[s:e], w, softcap)
-            # d loss_i / d z_ij = g_i (p_ij - [j == t_i]); through the soft cap, times 1 - tanh^2.
-            p = logp.exp_()
-            p.scatter_add_(1, t[s:e, None], torch.full((e - s, 1), -1.0, device=p.device))
-            p.mul_(g[s:e, None])
-            if tanh is not None:
-                p.mul_(1 - tanh.square())
-            p = p.to(x.dtype)
+            p = _logit_grad(logp, t[s:e, None], tanh, x.dtype, row_scale=g[s:e, None])
             if gx is not None:
                 gx[s:e] = p @ w
             if gw is not None:
@@ -99,19 +105,11 @@ class _FusedHeadCESum(torch.autograd.Function):
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         for s in range(0, n, SUM_CHUNK_ROWS):
             e = min(s + SUM_CHUNK_ROWS, n)
-            z = x[s:e] @ w.t()
-            if softcap:
-                tanh = torch.tanh(z.float() / softcap)
-                z = softcap * tanh
-            logp = torch.log_softmax(z, dim=-1, dtype=torch.float32)  # one fused pass
+            logp, tanh = _chunk_log_probs(x[s:e], w, softcap)
             total -= logp.gather(1, safe_t[s:e]).squeeze(1).masked_fill(~valid[s:e, 0], 0.0).sum()
             if gx is None and gw is None:
                 continue
-            p = logp.exp_()
-            p.scatter_add_(1, safe_t[s:e], torch.full((e - s, 1), -1.0, device=p.device))
-            if softcap:
-                p.mul_(1 - tanh.square())
-            p = p.to(x.dtype)
+            p = _logit_grad(logp, safe_t[s:e], tanh, x.dtype)
             # Ignored rows get no gradient: zero their rows of the (small) x and grad_x
             # rather than of the (chunk x vocab) p.
             if gx is not None:
