@@ -6,7 +6,8 @@ precision (bf16 autocast where the CPU has it) and allocator setting (candorlm's
 `configure_cpu_allocator` is process-wide), so the ratio isolates the model implementation.
 MFU = (training FLOPs/token x tokens/s) / the bf16 matmul rate measured here at start.
 
-    python bench/train_throughput.py [--preset cpu-tiny] [--steps 8] [--no-compile] [--ddp]
+    python bench/train_throughput.py [--preset cpu-tiny] [--set train.seq_len=512 ...] [--steps 8]
+                                     [--no-compile] [--ddp]
 
 Each model runs eager and under torch.compile (~30 s of compiling each); `ratio` compares
 like with like (eager with eager), `ratio_compiled` compiled with compiled, and
@@ -25,7 +26,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
-from candorlm.config import build_config  # noqa: E402
+from candorlm.config import build_config, parse_set_args  # noqa: E402
 from candorlm.model.transformer import Transformer  # noqa: E402
 from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator, matmul_flops  # noqa: E402
 
@@ -58,12 +59,14 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu-tiny")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=0)
+    ap.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", default=[],
+                    help="override a preset setting, e.g. --set train.seq_len=512 (repeatable)")
     ap.add_argument("--no-compile", action="store_true", help="measure eager mode only")
     ap.add_argument("--ddp", action="store_true", help="also measure 2-process DDP scaling (bench/ddp_scaling.py)")
     args = ap.parse_args()
     # Process-wide, so both libraries get it: the ratio compares the models, not the allocator.
     configure_cpu_allocator()
-    cfg = build_config(args.preset)
+    cfg = build_config(args.preset, parse_set_args(args.set))
     mc, tc = cfg.model, cfg.train
     B, T = args.batch_size or tc.batch_size, tc.seq_len
     amp = autocast_dtype("cpu", "auto")
@@ -104,7 +107,7 @@ def main() -> None:
         for name, fn in candidates.items():
             dt = measure(fn, max(1, args.steps // 2))
             results.setdefault(name, []).append(dt)
-    out = {"preset": args.preset, "batch": B, "seq_len": T, "dtype": "bf16" if amp else "fp32",
+    out = {"preset": args.preset, "overrides": args.set, "batch": B, "seq_len": T, "dtype": "bf16" if amp else "fp32",
            "peak_matmul_gflops": round(peak / 1e9, 1), "params_candorlm": n_ours, "params_transformers": n_hf}
     print(f"shape: d_model={mc.d_model} layers={mc.n_layers} heads={mc.n_heads}/{mc.n_kv_heads} d_ff={mc.d_ff} "
           f"vocab={mc.vocab_size}; batch {B}x{T}; {out['dtype']}; measured matmul peak {peak / 1e9:.0f} GFLOP/s")

@@ -149,6 +149,68 @@ def test_training_step_same_with_and_without_cpu_attention_kernel(monkeypatch):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 
 
+def test_fused_qk_norm_rope_matches_norm_then_rope():
+    """The fused per-head RMSNorm + RoPE against rms_norm then apply_rope: float64 values and
+    gradients (gradcheck, including the norm weight), and bf16 within bf16's resolution."""
+    from candorlm.model.attention import _QKNormRope
+    from candorlm.model.positions import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    cos, sin = rope_tables(8, 13)
+    x = torch.randn(2, 13, 3, 8, dtype=torch.float64, requires_grad=True)  # (B, T, heads, D)
+    w = (1 + 0.1 * torch.randn(8, dtype=torch.float64)).requires_grad_()
+
+    def fused(x, w):
+        return _QKNormRope.apply(x, w, cos[:, None].double(), sin[:, None].double(), 1e-6)
+
+    def reference(x, w):
+        n = torch.nn.functional.rms_norm(x.transpose(1, 2), (8,), w, 1e-6)
+        return apply_rope(n, cos.double(), sin.double()).transpose(1, 2)
+
+    torch.testing.assert_close(fused(x, w), reference(x, w))
+    assert torch.autograd.gradcheck(fused, (x, w))
+    xb = x.detach().bfloat16()
+    torch.testing.assert_close(_QKNormRope.apply(xb, w.detach().bfloat16(), cos[:, None], sin[:, None], 1e-6).float(),
+                               reference(x, w).detach().float(), atol=2e-2, rtol=2e-2)
+
+
+def test_embedding_gradient_equals_nn_embedding():
+    """The CPU embedding's index_add_ backward sums repeated tokens like nn.Embedding's."""
+    from candorlm.model.transformer import Embedding
+
+    torch.manual_seed(0)
+    ours, ref = Embedding(11, 5), torch.nn.Embedding(11, 5)
+    ref.weight.data.copy_(ours.weight.data)
+    idx = torch.tensor([[1, 3, 3, 0], [3, 10, 1, 1]])
+    g = torch.randn(2, 4, 5)
+    ours(idx).backward(g)
+    ref(idx).backward(g)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+
+def test_compiled_training_step_equals_eager():
+    """Under torch.compile the head loss, the QK-norm/RoPE and the embedding take their
+    compile-only forms (model/loss.py, model/attention.py): the loss and every gradient match
+    eager float32 (this is the path CPU presets train on)."""
+    torch.manual_seed(0)
+    m = Transformer(tiny(n_layers=2, logit_softcap=30.0))
+    x = torch.randint(0, 97, (3, 41))
+    x[0, 5] = -1  # an ignored target
+
+    def grads(model):
+        m.zero_grad()
+        loss = model(x[:, :-1].clamp(min=0), x[:, 1:])
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+    le, ge = grads(m)
+    torch._dynamo.reset()
+    lc, gc = grads(torch.compile(m))
+    torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kw", [dict(pos_encoding=p) for p in POS] + [
                                 dict(window_pattern="SSSL", n_layers=4), dict(window_pattern="SL", pos_encoding="alibi"),
                                 dict(mlp="relu2"), dict(mlp="gelu", norm="layernorm", qk_norm=False),

@@ -25,6 +25,49 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
+class _QKNormRope(torch.autograd.Function):
+    """rope(rms_norm(x) * w) over the last dim in one function, float32 (or wider) inside,
+    rounded once.
+
+    Why by hand: autograd's graph for the two ops (the norm's reductions, RoPE's slices and
+    concatenation, whose backward scatters into zero-filled halves) compiled to one inductor
+    kernel of ~6 ms per cpu-tiny layer, backward alone; this backward (norm recomputed from x)
+    compiles to ~1 ms. x: (..., T, heads, D) with cos/sin (T, 1, D), rotate_half pairing."""
+
+    @staticmethod
+    def forward(ctx, x, w, cos, sin, eps):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
+        a = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.to(acc)
+        d = a.shape[-1] // 2
+        y = a * cos + torch.cat([-a[..., d:], a[..., :d]], dim=-1) * sin
+        ctx.save_for_backward(x, w, cos, sin)
+        ctx.eps = eps
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, w, cos, sin = ctx.saved_tensors
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
+        r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
+        n = xf * r
+        g = grad.to(acc)
+        gs = g * sin
+        d = gs.shape[-1] // 2
+        ga = g * cos + torch.cat([gs[..., d:], -gs[..., :d]], dim=-1)  # rotate_half transposed
+        gw = (ga * n).reshape(-1, n.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        gn = ga * w.to(acc)
+        gx = r * (gn - n * (gn * n).mean(-1, keepdim=True))
+        return gx.to(x.dtype), None if gw is None else gw.to(w.dtype), None, None, None
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    """Not a DTensor: tensor-parallel norms shard their weight and need their module's hooks."""
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
 class KVCache:
     """Preallocated keys and values for every layer: (B, n_kv_heads, max_len, head_dim).
 
@@ -180,14 +223,20 @@ class Attention(nn.Module):
 
     def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.hd).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.hd)
+        k = self.k_proj(x).view(B, T, -1, self.hd)
         v = self.v_proj(x).view(B, T, -1, self.hd).transpose(1, 2)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm and self.use_rope and _is_plain(self.q_norm.weight):
+            cos, sin = rope[0][:, None], rope[1][:, None]
+            q = _QKNormRope.apply(q, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
+            k = _QKNormRope.apply(k, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)
+        else:
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.use_rope:
+                cos, sin = rope
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype), start)
             k, v = k.to(q.dtype), v.to(q.dtype)

@@ -52,6 +52,31 @@ def _logit_grad(logp, targets, tanh, dtype, row_scale=None):
     return p.to(dtype)
 
 
+def _chunk_loss_grad_fused(x, w, targets, valid, softcap, dtype):
+    """One chunk's summed loss and logit gradient, written for torch.compile (the eager path
+    above is in-place ops, which inductor cannot fuse). Inductor makes this two passes over
+    the chunk's logits with one exp per element: exp(z - max) is kept in the matmul dtype
+    between the row sum and the scaling (the gradient is cast to that dtype anyway), and the
+    one-hot is a comparison with an iota instead of a scatter. Against the eager form
+    compiled (a float32 log-softmax, a scatter, a cast, two exps): 2.7 vs 3.5 ms per
+    1024 x 8192 chunk on the 2-core machine."""
+    z = (x @ w.t()).float()
+    tanh = None
+    if softcap:
+        tanh = torch.tanh(z / softcap)
+        z = softcap * tanh
+    m = z.amax(dim=-1, keepdim=True)
+    e = (z - m).exp()
+    se = e.sum(dim=-1, keepdim=True)
+    lse = m + se.log()
+    loss = ((lse - z.gather(1, targets)) * valid).sum()
+    onehot = torch.arange(z.shape[1], device=z.device)[None, :] == targets
+    p = e.to(dtype).float() * (1 / se) - onehot.to(z.dtype)
+    if tanh is not None:
+        p = p * (1 - tanh.square())
+    return loss, p.to(dtype)
+
+
 class _FusedHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, targets, softcap):
@@ -103,13 +128,18 @@ class _FusedHeadCESum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         gx = torch.empty_like(x) if need_x else None
         gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        fused = torch.compiler.is_compiling() and (gx is not None or gw is not None)
         for s in range(0, n, SUM_CHUNK_ROWS):
             e = min(s + SUM_CHUNK_ROWS, n)
-            logp, tanh = _chunk_log_probs(x[s:e], w, softcap)
-            total -= logp.gather(1, safe_t[s:e]).squeeze(1).masked_fill(~valid[s:e, 0], 0.0).sum()
-            if gx is None and gw is None:
-                continue
-            p = _logit_grad(logp, safe_t[s:e], tanh, x.dtype)
+            if fused:
+                loss, p = _chunk_loss_grad_fused(x[s:e], w, safe_t[s:e], valid[s:e], softcap, x.dtype)
+                total += loss
+            else:
+                logp, tanh = _chunk_log_probs(x[s:e], w, softcap)
+                total -= logp.gather(1, safe_t[s:e]).squeeze(1).masked_fill(~valid[s:e, 0], 0.0).sum()
+                if gx is None and gw is None:
+                    continue
+                p = _logit_grad(logp, safe_t[s:e], tanh, x.dtype)
             # Ignored rows get no gradient: zero their rows of the (small) x and grad_x
             # rather than of the (chunk x vocab) p.
             if gx is not None:

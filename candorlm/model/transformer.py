@@ -17,8 +17,44 @@ import torch.nn.functional as F
 
 from candorlm.config import ModelConfig
 from candorlm.model.loss import fused_head_loss
-from candorlm.model.attention import Attention, KVCache, RMSNorm, build_mask, sliding_block_mask, use_flex
+from candorlm.model.attention import Attention, KVCache, RMSNorm, _is_plain, build_mask, sliding_block_mask, use_flex
 from candorlm.model.positions import alibi_slopes, rope_tables, sinusoidal_table
+
+
+@torch.library.custom_op("candorlm::embedding_grad", mutates_args=())
+def _embedding_grad(grad: torch.Tensor, idx: torch.Tensor, num: int) -> torch.Tensor:
+    d = grad.shape[-1]
+    return grad.new_zeros(num, d).index_add_(0, idx.reshape(-1), grad.reshape(-1, d))
+
+
+@_embedding_grad.register_fake
+def _(grad, idx, num):
+    return grad.new_empty(num, grad.shape[-1])
+
+
+class _EmbeddingLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, idx, weight):
+        ctx.save_for_backward(idx)
+        ctx.num = weight.shape[0]
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return None, _embedding_grad(grad, idx, ctx.num)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose weight gradient on CPU is one `index_add_`, kept opaque to
+    torch.compile: inductor's decomposition of the embedding backward (an accumulating
+    index_put with atomic adds) took 5.9 ms for a cpu-tiny batch, against 0.4 ms."""
+
+    def forward(self, idx):
+        plain = self.padding_idx is None and self.max_norm is None and not (self.scale_grad_by_freq or self.sparse)
+        if plain and self.weight.device.type == "cpu" and _is_plain(self.weight):
+            return _EmbeddingLookup.apply(idx, self.weight)
+        return super().forward(idx)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -64,7 +100,7 @@ class Transformer(nn.Module):
         super().__init__()
         cfg = cfg.resolved()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos_encoding == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
