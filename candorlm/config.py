@@ -142,7 +142,7 @@ PRESETS: dict[str, dict[str, object]] = {
     # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval) fits 15 min on 2
     # cores: the time budget fixes the step count after 6 timed steps (docs/benchmarks.md has
     # the measured wall time of a fresh clone's `make demo`, set-up included).
-    # torch.compile: 0.49 s vs 0.63 s per step after ~30 s of compiling
+    # torch.compile: 0.44-0.47 s vs 0.60-0.62 s per step after ~30 s of compiling
     # (bench/train_throughput.py), so it pays for itself in under 2 min.
     "cpu-tiny": {
         "model.d_model": 256, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 2,
