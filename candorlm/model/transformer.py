@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from candorlm.config import ModelConfig
 from candorlm.model.loss import fused_head_loss
@@ -40,6 +41,7 @@ class _EmbeddingLookup(torch.autograd.Function):
         return F.embedding(idx, weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
         return None, _embedding_grad(grad, idx, ctx.num)
