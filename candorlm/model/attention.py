@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from candorlm.config import ModelConfig
-from candorlm.model.positions import apply_rope
+from candorlm.model.positions import apply_rope, rotate_half
 
 
 class RMSNorm(nn.RMSNorm):
@@ -39,8 +39,7 @@ class _QKNormRope(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)
         xf = x.to(acc)
         a = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.to(acc)
-        d = a.shape[-1] // 2
-        y = a * cos + torch.cat([-a[..., d:], a[..., :d]], dim=-1) * sin
+        y = a * cos + rotate_half(a) * sin
         ctx.save_for_backward(x, w, cos, sin)
         ctx.eps = eps
         return y.to(x.dtype)
@@ -54,16 +53,14 @@ class _QKNormRope(torch.autograd.Function):
         r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + ctx.eps)
         n = xf * r
         g = grad.to(acc)
-        gs = g * sin
-        d = gs.shape[-1] // 2
-        ga = g * cos + torch.cat([gs[..., d:], -gs[..., :d]], dim=-1)  # rotate_half transposed
+        ga = g * cos - rotate_half(g * sin)  # rotate_half's transpose is its negation
         gw = (ga * n).reshape(-1, n.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
         gn = ga * w.to(acc)
         gx = r * (gn - n * (gn * n).mean(-1, keepdim=True))
         return gx.to(x.dtype), None if gw is None else gw.to(w.dtype), None, None, None
 
 
-def _is_plain(t: torch.Tensor) -> bool:
+def is_plain_tensor(t: torch.Tensor) -> bool:
     """Not a DTensor: tensor-parallel norms shard their weight and need their module's hooks."""
     return type(t) in (torch.Tensor, nn.Parameter)
 
@@ -226,7 +223,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, self.hd)
         k = self.k_proj(x).view(B, T, -1, self.hd)
         v = self.v_proj(x).view(B, T, -1, self.hd).transpose(1, 2)
-        if self.qk_norm and self.use_rope and _is_plain(self.q_norm.weight):
+        if self.qk_norm and self.use_rope and is_plain_tensor(self.q_norm.weight):
             cos, sin = rope[0][:, None], rope[1][:, None]
             q = _QKNormRope.apply(q, self.q_norm.weight, cos, sin, self.q_norm.eps).transpose(1, 2)
             k = _QKNormRope.apply(k, self.k_norm.weight, cos, sin, self.k_norm.eps).transpose(1, 2)

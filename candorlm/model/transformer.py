@@ -18,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from candorlm.config import ModelConfig
 from candorlm.model.loss import fused_head_loss
-from candorlm.model.attention import Attention, KVCache, RMSNorm, _is_plain, build_mask, sliding_block_mask, use_flex
+from candorlm.model.attention import Attention, KVCache, RMSNorm, build_mask, is_plain_tensor, sliding_block_mask, use_flex
 from candorlm.model.positions import alibi_slopes, rope_tables, sinusoidal_table
 
 
@@ -54,7 +54,7 @@ class Embedding(nn.Embedding):
 
     def forward(self, idx):
         plain = self.padding_idx is None and self.max_norm is None and not (self.scale_grad_by_freq or self.sparse)
-        if plain and self.weight.device.type == "cpu" and _is_plain(self.weight):
+        if plain and self.weight.device.type == "cpu" and is_plain_tensor(self.weight):
             return _EmbeddingLookup.apply(idx, self.weight)
         return super().forward(idx)
 
