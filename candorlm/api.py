@@ -44,10 +44,8 @@ class LoadedModel:
         tail = self.tokenizer.id_to_bytes(ids[-1])
         if not tail:
             return ids, None, b""
-        special = set(self.tokenizer.special_ids.values())
         allowed = torch.zeros(self.model.cfg.vocab_size, dtype=torch.bool)
-        allowed[[i for i in range(self.tokenizer.vocab_size)
-                 if i not in special and self.tokenizer.id_to_bytes(i).startswith(tail)]] = True
+        allowed[self.tokenizer.ids_starting_with(tail)] = True
         return ids[:-1], allowed, tail
 
     def stream(self, prompt: str, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,

@@ -40,6 +40,7 @@ Nothing is added by `encode`: there is no post-processor, so `transformers`' def
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -136,6 +137,7 @@ class Tokenizer:
         backend.encode_special_tokens = True  # see the module docstring; not serialized
         self._tok = backend
         self._bytes: list[bytes] | None = None
+        self._sorted: tuple[list[bytes], list[int]] | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
@@ -244,6 +246,21 @@ class Tokenizer:
         """The raw bytes token `i` stands for (the UTF-8 literal for a special token). A token
         may hold part of a multi-byte character, so decode a stream by joining bytes."""
         return self._byte_table()[i]
+
+    def ids_starting_with(self, prefix: bytes) -> list[int]:
+        """Ids of the non-special tokens whose bytes start with `prefix` (token healing's
+        candidates), by bisection in the byte strings sorted once: those tokens are one
+        contiguous run of the sorted order."""
+        if self._sorted is None:
+            table = self._byte_table()
+            order = sorted(range(len(SPECIAL_TOKENS), len(table)), key=table.__getitem__)
+            self._sorted = ([table[i] for i in order], order)
+        keys, order = self._sorted
+        start = bisect.bisect_left(keys, prefix)
+        end = start
+        while end < len(keys) and keys[end].startswith(prefix):
+            end += 1
+        return order[start:end]
 
     def token_bytes(self) -> np.ndarray:
         """int32 array, one entry per id: the byte length of the token; 0 for special tokens
