@@ -85,6 +85,8 @@ def cmd_eval(args) -> None:
     from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator
     from candorlm.train.loop import evaluate_bpb, token_bytes_for
 
+    if args.seq_len < 0 or args.tokens < 1:
+        raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) and --tokens {args.tokens} >= 1")
     configure_cpu_allocator()
     model = load_model(args.model)
     seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -170,8 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation bits-per-byte of a model on a token directory")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--tokens", type=int, default=262144)
-    p.add_argument("--seq-len", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=262144, help="validation targets to score (default 262144)")
+    p.add_argument("--seq-len", type=int, default=0, help="window length (default 0: the model's context)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("run", help="every stage, from raw text to a model, into runs/<name>/")

@@ -108,6 +108,36 @@ class TrainConfig:
     tp_size: int = 1
     activation_checkpointing: bool = False
 
+    def check(self) -> "TrainConfig":
+        """Raise a CandorError naming the first setting outside its accepted range."""
+        c = self
+        checks = [
+            (c.seq_len >= 1 and c.batch_size >= 1 and c.grad_accum >= 1,
+             f"train.seq_len={c.seq_len}, train.batch_size={c.batch_size} and train.grad_accum={c.grad_accum} must each be >= 1"),
+            (c.max_steps >= 0, f"train.max_steps={c.max_steps} must be >= 0"),
+            (c.optimizer in OPTIMIZERS, f"train.optimizer={c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
+            (c.lr >= 0 and c.matrix_lr >= 0 and c.weight_decay >= 0,
+             f"train.lr={c.lr}, train.matrix_lr={c.matrix_lr} and train.weight_decay={c.weight_decay} must be >= 0"),
+            (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, f"train.beta1={c.beta1} and train.beta2={c.beta2} must be in [0, 1)"),
+            (c.warmup_steps >= 0, f"train.warmup_steps={c.warmup_steps} must be >= 0"),
+            (0 <= c.decay_frac <= 1 and 0 <= c.min_lr_frac <= 1,
+             f"train.decay_frac={c.decay_frac} and train.min_lr_frac={c.min_lr_frac} must be in [0, 1]"),
+            (c.grad_clip >= 0, f"train.grad_clip={c.grad_clip} must be >= 0 (0: off)"),
+            (c.dtype in DTYPES, f"train.dtype={c.dtype!r} is not one of {', '.join(DTYPES)}"),
+            (c.eval_every >= 0 and c.save_every >= 0, f"train.eval_every={c.eval_every} and train.save_every={c.save_every} must be >= 0 (0: off)"),
+            (c.eval_tokens >= 1 and c.log_every >= 1, f"train.eval_tokens={c.eval_tokens} and train.log_every={c.log_every} must be >= 1"),
+            (c.time_budget_s >= 0, f"train.time_budget_s={c.time_budget_s} must be >= 0 (0: none)"),
+            (c.tp_size >= 1, f"train.tp_size={c.tp_size} must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise CandorError(msg)
+        return self
+
+
+OPTIMIZERS = ("muon", "adamw")
+DTYPES = ("auto", "bf16", "fp32")
+
 
 @dataclass
 class TokenizerConfig:
@@ -239,6 +269,11 @@ def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] |
     if cfg.model.max_seq_len < cfg.train.seq_len:
         cfg.model.max_seq_len = cfg.train.seq_len
     cfg.model = cfg.model.resolved()
+    cfg.train.check()
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise CandorError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    if cfg.data.workers < 0:
+        raise CandorError(f"data.workers={cfg.data.workers} must be >= 0 (0: all cores)")
     return cfg
 
 

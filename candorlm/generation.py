@@ -7,11 +7,30 @@ single-sequence reference.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterator
 
 import torch
 
+from candorlm.errors import CandorError
 from candorlm.model.attention import KVCache
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    """Reject settings outside their meaning (a negative temperature would invert the
+    distribution; top_p 2 would quietly mean "off") with the accepted range."""
+    bad = []
+    if not (isinstance(max_new_tokens, numbers.Integral) and max_new_tokens >= 0):
+        bad.append(f"max_new_tokens={max_new_tokens!r} (an integer >= 0)")
+    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
+        bad.append(f"temperature={temperature!r} (a number >= 0; 0 is greedy)")
+    if not (isinstance(top_k, numbers.Integral) and top_k >= 0):
+        bad.append(f"top_k={top_k!r} (an integer >= 0; 0 is off)")
+    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
+        bad.append(f"top_p={top_p!r} (a number in (0, 1]; 1 is off)")
+    if bad:
+        raise CandorError("bad sampling setting: " + "; ".join(bad))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -42,6 +61,7 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     """Yield new token ids one at a time. use_cache=False recomputes the whole sequence each
     step: the obviously-correct path. first_allowed: a bool mask over the vocabulary that the
     first sampled token must satisfy (token healing)."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     model.eval()
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len

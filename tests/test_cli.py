@@ -33,6 +33,11 @@ def sets(pairs):
     ["generate", "--model", "no/model", "hi"],
     ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--set", "train.nope=1"],
     ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--preset", "huge"],
+    ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--set", "train.batch_size=0"],
+    ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--set", "train.lr=-1"],
+    ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--set", "train.dtype=fp8"],
+    ["data", "--source", "stdlib", "--out", "x", "--workers", "-1"],
+    ["eval", "--model", "m", "--data", "d", "--seq-len", "-5"],
 ])
 def test_bad_input_is_one_line_and_exit_2(cmd, tmp_path):
     r = candor(*cmd, cwd=tmp_path)
@@ -78,6 +83,10 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
 
     hf = PreTrainedTokenizerFast(tokenizer_file=str(run / "tokenizer" / "tokenizer.json"))
     assert hf.encode("def f(x):\n    return x") == m.tokenizer.encode("def f(x):\n    return x")
+
+    bad = candor("generate", "--model", str(run / "base"), "hi", "--temperature", "-1")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "temperature=-1.0" in bad.stderr, bad.stderr
+    assert bad.stdout == ""
 
     weights = (run / "base" / "model.safetensors").read_bytes()
     r2 = candor(*args)

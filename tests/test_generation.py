@@ -37,6 +37,24 @@ def test_api_generate(micro_model):
     assert s1 == s2
 
 
+@pytest.mark.parametrize("setting, words", [
+    ({"temperature": -0.5}, "temperature=-0.5"), ({"temperature": float("nan")}, "temperature=nan"),
+    ({"top_p": 0.0}, "top_p=0.0"), ({"top_p": 1.5}, "top_p=1.5"), ({"top_k": -1}, "top_k=-1"),
+    ({"max_new_tokens": -3}, "max_new_tokens=-3"),
+])
+def test_bad_sampling_settings_are_refused(micro_model, setting, words):
+    import candorlm
+    from candorlm.errors import CandorError
+
+    m = candorlm.load(micro_model)
+    args = {"max_new_tokens": 4, "temperature": 0.8, "top_k": 0, "top_p": 1.0, "seed": 0, **setting}
+    with pytest.raises(CandorError, match=words.replace("(", r"\(")):
+        m.generate("def ", **args)
+    # the edges of each range are accepted
+    m.generate("def ", max_new_tokens=0, temperature=0, top_k=0, top_p=1.0)
+    m.generate("def ", max_new_tokens=2, temperature=2.0, top_k=1, top_p=1e-3, seed=0)
+
+
 def test_top_k_and_top_p_restrict_the_support():
     torch.manual_seed(0)
     logits = torch.tensor([[5.0, 4.0, 3.0, 0.0, -1.0, -2.0]])

@@ -141,6 +141,23 @@ def test_resume_without_checkpoint_is_a_clear_error(micro_tokens, micro_tokenize
         pretrain(micro_tokens, micro_tokenizer, tmp_path / "none", micro_config(), quiet=True, resume=True)
 
 
+@pytest.mark.parametrize("key, value", [
+    ("train.batch_size", "0"), ("train.grad_accum", "0"), ("train.lr", "-0.1"), ("train.beta2", "1"),
+    ("train.decay_frac", "1.5"), ("train.dtype", "fp16"), ("train.optimizer", "sgd"), ("train.log_every", "0"),
+    ("train.time_budget_s", "-5"),
+])
+def test_bad_train_settings_are_refused_before_anything_is_written(micro_tokens, micro_tokenizer, tmp_path, key, value):
+    from candorlm.config import build_config
+
+    with pytest.raises(CandorError, match=key.replace(".", r"\.")):
+        build_config("cpu-tiny", [(key, value)])
+    cfg = micro_config()
+    setattr(cfg.train, key.split(".")[1], type(getattr(cfg.train, key.split(".")[1]))(value))
+    with pytest.raises(CandorError, match=key.replace(".", r"\.")):  # the Python API checks too
+        pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
+    assert not (tmp_path / "m").exists()
+
+
 ALLOCATOR_PROBE = """
 import sys, torch
 from candorlm.train.hardware import configure_cpu_allocator

@@ -278,6 +278,8 @@ def curate(source: str, out_dir: str, cfg: CurateConfig | None = None, workers: 
     cfg = (cfg or CurateConfig()).validate()
     if executor not in EXECUTORS:
         raise CandorError(f"unknown executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
+    if workers < 0:
+        raise CandorError(f"workers={workers} must be >= 0 (0: all cores)")
     say = (lambda m: None) if quiet else _say
     t_start = time.perf_counter()
     src, units, tasks, fp = _plan(source, cfg)

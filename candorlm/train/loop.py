@@ -97,7 +97,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     out_dir = Path(out_dir)
     dist = parallel.init_distributed()
     device = device or dist.device
-    tcfg, mcfg = cfg.train, cfg.model
+    tcfg, mcfg = cfg.train.check(), cfg.model
     if torch.device(device).type == "cpu":
         configure_cpu_allocator()
     meta_path = Path(tokens_dir) / "meta.json"
