@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from candorlm.config import build_config
-from candorlm.data.loader import TrainBatches, open_tokens
+from candorlm.data.loader import TrainBatches
+from candorlm.data.shards import open_split
 from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
 from candorlm.train.hardware import autocast_dtype
@@ -120,7 +121,7 @@ def step_times(names: list[str], args, tokens_dir: Path) -> dict[str, float]:
         torch.manual_seed(0)
         model = Transformer(cfg.model)
         opts = build_optimizers(model, cfg.train)
-        batches = batches or TrainBatches(open_tokens(tokens_dir, "train"), cfg.train.seq_len, cfg.train.batch_size, 0)
+        batches = batches or TrainBatches(open_split(tokens_dir, "train"), cfg.train.seq_len, cfg.train.batch_size, 0)
 
         def step(i, model=model, opts=opts, clip=cfg.train.grad_clip):
             x, y = batches.get(i)

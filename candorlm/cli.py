@@ -80,7 +80,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from candorlm.data.loader import open_tokens
+    from candorlm.data.shards import open_split
     from candorlm.model.io import load_model
     from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator
     from candorlm.train.loop import evaluate_bpb, token_bytes_for
@@ -90,7 +90,7 @@ def cmd_eval(args) -> None:
     configure_cpu_allocator()
     model = load_model(args.model)
     seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    r = evaluate_bpb(model, open_tokens(args.data, "val"), token_bytes_for(args.model), seq_len, args.tokens, 8,
+    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens, 8,
                      autocast_dtype("cpu", "auto"))
     print(json.dumps(r))
 

@@ -43,6 +43,13 @@ class ModelConfig:
     def resolved(self) -> "ModelConfig":
         """A copy with derived fields (head_dim, d_ff) filled in and every field checked."""
         c = dataclasses.replace(self)
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
+        for name in sizes:
+            if getattr(c, name) < 1:
+                raise CandorError(f"model.{name}={getattr(c, name)} must be >= 1")
+        for name in ("head_dim", "d_ff"):
+            if getattr(c, name) < 0:
+                raise CandorError(f"model.{name}={getattr(c, name)} must be >= 0 (0: derived from d_model)")
         if c.head_dim == 0:
             if c.d_model % c.n_heads:
                 raise CandorError(f"model.d_model={c.d_model} is not divisible by model.n_heads={c.n_heads}; set model.head_dim explicitly")
@@ -58,7 +65,11 @@ class ModelConfig:
             (c.norm in NORMS, f"model.norm={c.norm!r} is not one of {', '.join(NORMS)}"),
             (set(c.window_pattern) <= {"S", "L"}, f"model.window_pattern={c.window_pattern!r} may only contain S (sliding) and L (full), e.g. SSSL"),
             (c.pos_encoding != "rope" or c.head_dim % 2 == 0, f"rope needs an even head_dim, got {c.head_dim}"),
-            (c.vocab_size > 0 and c.n_layers > 0 and c.d_model > 0, "model sizes must be positive"),
+            ("S" not in c.window_pattern or c.window_size >= 1, f"model.window_size={c.window_size} must be >= 1 for sliding-window layers"),
+            (c.norm_eps > 0, f"model.norm_eps={c.norm_eps} must be > 0"),
+            (c.rope_theta > 0, f"model.rope_theta={c.rope_theta} must be > 0"),
+            (c.init_std > 0, f"model.init_std={c.init_std} must be > 0"),
+            (c.logit_softcap >= 0, f"model.logit_softcap={c.logit_softcap} must be >= 0 (0: off)"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -137,6 +148,9 @@ class TrainConfig:
 
 OPTIMIZERS = ("muon", "adamw")
 DTYPES = ("auto", "bf16", "fp32")
+
+
+TOKENIZER_MIN_VOCAB = 262  # tokenizer.SPECIAL_TOKENS (6) + the 256 byte tokens
 
 
 @dataclass
@@ -268,6 +282,12 @@ def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] |
         cfg.model.vocab_size = cfg.tokenizer.vocab_size
     if cfg.model.max_seq_len < cfg.train.seq_len:
         cfg.model.max_seq_len = cfg.train.seq_len
+    t = cfg.tokenizer
+    if t.vocab_size < TOKENIZER_MIN_VOCAB:
+        raise CandorError(f"tokenizer.vocab_size={t.vocab_size} must be >= {TOKENIZER_MIN_VOCAB} (6 special tokens + 256 bytes)")
+    for name in ("min_frequency", "max_train_bytes"):
+        if getattr(t, name) < 0:
+            raise CandorError(f"tokenizer.{name}={getattr(t, name)} must be >= 0")
     cfg.model = cfg.model.resolved()
     cfg.train.check()
     if not 0 <= cfg.data.val_fraction < 1:

@@ -100,3 +100,27 @@ def test_token_healing_regenerates_the_last_prompt_token(micro_model):
     plain = list(generate_ids(m.model, ids, 8, temperature=0, stop_ids=m.stop_ids))
     text = b"".join(m.tokenizer.id_to_bytes(i) for i in plain).decode("utf-8", errors="replace")
     assert m.generate(prompt, max_new_tokens=8, temperature=0, heal=False) == text
+
+
+def test_damaged_model_directories_are_clear_errors(micro_model, tmp_path):
+    import json
+    import shutil
+
+    import candorlm
+    from candorlm.errors import CandorError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(micro_model, bad)
+    weights = (micro_model / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(weights[:1000])  # truncated
+    with pytest.raises(CandorError, match="not a readable safetensors file"):
+        candorlm.load(bad)
+    (bad / "model.safetensors").write_bytes(weights)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model"]["d_ff"] += 64  # a shape the weights do not have
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CandorError, match="does not match config.json.*size mismatch"):
+        candorlm.load(bad)
+    (bad / "config.json").write_text("{")
+    with pytest.raises(CandorError, match="not a valid candorlm config.json"):
+        candorlm.load(bad)

@@ -184,6 +184,16 @@ def test_errors(tmp_path, tok):
     build_shards(d, tok, tmp_path / "tokens")
     with pytest.raises(CandorError, match="unknown split"):
         open_split(tmp_path / "tokens", "test")
+    train = (tmp_path / "tokens" / "train.bin").read_bytes()
+    (tmp_path / "tokens" / "train.bin").write_bytes(train[:-3])  # truncated mid-token
+    with pytest.raises(CandorError, match="meta.json says .*rebuild"):
+        open_split(tmp_path / "tokens", "train")
+    meta = (tmp_path / "tokens" / "meta.json").read_text()
+    for broken in ('{"dtype": "uint16"', '{"dtype": "uint16"}', '{"dtype": "nope", "vocab_size": 1}'):
+        (tmp_path / "tokens" / "meta.json").write_text(broken)
+        with pytest.raises(CandorError, match="not a token shards' meta.json"):
+            load_meta(tmp_path / "tokens")
+    (tmp_path / "tokens" / "meta.json").write_text(meta)
     (tmp_path / "tokens" / "val.bin").unlink()
     with pytest.raises(CandorError, match="missing"):
         open_split(tmp_path / "tokens", "val")

@@ -158,6 +158,35 @@ def test_bad_train_settings_are_refused_before_anything_is_written(micro_tokens,
     assert not (tmp_path / "m").exists()
 
 
+def test_shards_and_tokenizer_must_match(micro_tokens, tmp_path):
+    from candorlm.tokenizer import train_tokenizer
+
+    other = tmp_path / "other_tok"
+    train_tokenizer(["def f(x):\n    return x\n" * 50], vocab_size=300).save(other)
+    with pytest.raises(CandorError, match="made with another tokenizer"):
+        pretrain(micro_tokens, other, tmp_path / "m", micro_config(), quiet=True)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.n_kv_heads", "0"), ("model.n_heads", "0"), ("model.head_dim", "-2"), ("model.d_ff", "-5"),
+    ("model.norm_eps", "0"), ("model.rope_theta", "-1"), ("model.logit_softcap", "-3"),
+    ("tokenizer.vocab_size", "200"), ("tokenizer.min_frequency", "-1"), ("data.val_fraction", "1"),
+])
+def test_bad_model_and_data_settings_are_one_clear_error(key, value):
+    from candorlm.config import build_config
+
+    with pytest.raises(CandorError, match=key.replace(".", r"\.") + "=" + value):
+        build_config("cpu-tiny", [(key, value)])
+
+
+def test_tokenizer_floor_matches_the_special_tokens():
+    from candorlm.config import TOKENIZER_MIN_VOCAB
+    from candorlm.tokenizer import SPECIAL_TOKENS
+
+    assert TOKENIZER_MIN_VOCAB == len(SPECIAL_TOKENS) + 256
+
+
 ALLOCATOR_PROBE = """
 import sys, torch
 from candorlm.train.hardware import configure_cpu_allocator

@@ -6,23 +6,10 @@ of a run is its step number: resuming needs nothing else, and N ranks read disjo
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from candorlm.errors import CandorError
-
-
-def open_tokens(tokens_dir: str | Path, split: str) -> np.ndarray:
-    tokens_dir = Path(tokens_dir)
-    meta_path = tokens_dir / "meta.json"
-    path = tokens_dir / f"{split}.bin"
-    if not meta_path.is_file() or not path.is_file():
-        raise CandorError(f"{tokens_dir} is not a token directory (needs meta.json and {split}.bin; make one with `candor tokenize`)")
-    meta = json.loads(meta_path.read_text())
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
 
 
 class TrainBatches:

@@ -135,11 +135,23 @@ def build_shards(documents_dir: str | Path, tokenizer: Tokenizer, out_dir: str |
 def load_meta(tokens_dir: str | Path) -> dict:
     path = Path(tokens_dir) / "meta.json"
     if not path.is_file():
-        raise CandorError(f"no token shards at {tokens_dir}: {path} is missing (build them from the curated documents first)")
+        raise CandorError(f"no token shards at {tokens_dir}: {path} is missing "
+                          "(make them with `candor tokenize` or `candor run`)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CandorError(f"{path} is not valid JSON ({e})") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        _ = np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["train"]["tokens"]), int(meta["val"]["tokens"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CandorError(f"{path} is not a token shards' meta.json ({type(e).__name__}: {e}); rebuild the token shards") from None
+    return meta
+
+
+def check_tokenizer(meta: dict, tokenizer, tokens_dir: str | Path, tokenizer_path: str | Path) -> None:
+    """The shards' token ids mean something only under the tokenizer that made them."""
+    made_with = meta.get("tokenizer_sha256")
+    if made_with and made_with != tokenizer.sha256:
+        raise CandorError(f"the token shards in {tokens_dir} were made with another tokenizer than {tokenizer_path} "
+                          f"(sha256 {made_with[:12]} vs {tokenizer.sha256[:12]}): pass the tokenizer they were made with, "
+                          "or rebuild them with `candor tokenize`")
 
 
 def open_split(tokens_dir: str | Path, split: str) -> np.ndarray:

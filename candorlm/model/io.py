@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from candorlm.config import ModelConfig, model_config_from_dict
@@ -111,8 +112,15 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> Transformer:
         model = Transformer(cfg)
     model = model.to_empty(device=device)
     model._init_buffers(device)
-    sd = load_file(str(wpath), device=device)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        sd = load_file(str(wpath), device=device)
+    except (SafetensorError, OSError) as e:
+        raise CandorError(f"{wpath} is not a readable safetensors file ({e})") from None
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a tensor whose shape config.json does not give it
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CandorError(f"{wpath} does not match config.json ({first})") from None
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise CandorError(f"{wpath} does not match config.json (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from candorlm.config import RunConfig, describe
-from candorlm.data.loader import TrainBatches, eval_windows, open_tokens
+from candorlm.data.loader import TrainBatches, eval_windows
+from candorlm.data.shards import check_tokenizer, load_meta, open_split
 from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
 from candorlm.train import checkpoint as ckpt
@@ -30,10 +31,15 @@ from candorlm.train.optim import build_optimizers, lr_multiplier, set_lr
 CALIBRATION_STEPS = 6  # steps timed before a time budget fixes max_steps
 
 
-def token_bytes_for(tokenizer_dir) -> torch.Tensor:
+def token_bytes_for(tokenizer_dir, tokens_dir=None) -> torch.Tensor:
+    """The tokenizer's token -> byte-length table; with tokens_dir, after checking that those
+    shards were made with this tokenizer."""
     from candorlm.tokenizer import Tokenizer
 
-    return torch.as_tensor(np.asarray(Tokenizer.load(tokenizer_dir).token_bytes(), dtype=np.int64))
+    tok = Tokenizer.load(tokenizer_dir)
+    if tokens_dir is not None:
+        check_tokenizer(load_meta(tokens_dir), tok, tokens_dir, tokenizer_dir)
+    return torch.as_tensor(np.asarray(tok.token_bytes(), dtype=np.int64))
 
 
 @torch.no_grad()
@@ -100,15 +106,12 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     tcfg, mcfg = cfg.train.check(), cfg.model
     if torch.device(device).type == "cpu":
         configure_cpu_allocator()
-    meta_path = Path(tokens_dir) / "meta.json"
-    if not meta_path.is_file():
-        raise CandorError(f"{tokens_dir} is not a token directory (no meta.json); make one with `candor tokenize` or `candor run`")
-    meta = json.loads(meta_path.read_text())
+    meta = load_meta(tokens_dir)
     mcfg.vocab_size = int(meta["vocab_size"])
     mcfg.max_seq_len = max(mcfg.max_seq_len, tcfg.seq_len)
     cfg.model = mcfg = mcfg.resolved()
-    train_tokens, val_tokens = open_tokens(tokens_dir, "train"), open_tokens(tokens_dir, "val")
-    token_bytes = token_bytes_for(tokenizer_dir)
+    train_tokens, val_tokens = open_split(tokens_dir, "train"), open_split(tokens_dir, "val")
+    token_bytes = token_bytes_for(tokenizer_dir, tokens_dir)
     log = (lambda *a: None) if (quiet or dist.rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     torch.manual_seed(tcfg.seed)
