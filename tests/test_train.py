@@ -51,6 +51,19 @@ def test_resume_is_exact(micro_tokens, micro_tokenizer, tmp_path):
     assert res["val_bpb"] == full["val_bpb"]
 
 
+def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, micro_tokenizer, tmp_path):
+    out = tmp_path / "m"
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=4)
+    before = weights(out)
+    for change in (("model.d_model", "32"), ("train.optimizer", "adamw")):
+        with pytest.raises(CandorError, match=change[0].replace(".", r"\.") + ".*checkpoint"):
+            pretrain(micro_tokens, micro_tokenizer, out, micro_config(change), quiet=True, resume=True)
+    assert all(torch.equal(before[k], v) for k, v in weights(out).items())  # refused before anything was written
+    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "16"), ("train.batch_size", "3")),
+                   quiet=True, resume=True)
+    assert res["step"] == 16  # the new length, not the checkpoint's 12
+
+
 def _cli(*args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen([sys.executable, "-m", "candorlm", *args], env=env, stdout=subprocess.PIPE,

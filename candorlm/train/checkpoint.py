@@ -58,6 +58,31 @@ def load_train_state(out_dir: str | Path) -> tuple[dict, dict]:
     return state, payload
 
 
+def load_run_config(out_dir: str | Path) -> dict:
+    """The run configuration the checkpoint was trained with ({} for a checkpoint without one)."""
+    p = Path(out_dir) / "train_state" / "run_config.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+# Settings a resumed run cannot change: the weights' shapes and meaning, and the optimizer
+# whose state is restored. Everything else may change, at the price of exactness (the
+# parallel layout too: checkpoints reshard, see dist_checkpoint.py).
+RESUME_FIXED = ("model.", "train.optimizer")
+
+
+def resume_changes(saved: dict, now: dict) -> dict[str, tuple]:
+    """{"section.field": (checkpoint's value, new value)} for the model and train settings
+    that differ; raises for those in RESUME_FIXED."""
+    diffs = {f"{sec}.{k}": (saved[sec].get(k), v) for sec in ("model", "train") if sec in saved
+             for k, v in now[sec].items() if saved[sec].get(k) != v}
+    fixed = [k for k in diffs if k.startswith(RESUME_FIXED)]
+    if fixed:
+        listed = ", ".join(f"{k}={diffs[k][1]!r} (checkpoint: {diffs[k][0]!r})" for k in fixed[:4])
+        raise CandorError(f"--resume: {listed}: a resumed run keeps its checkpoint's model and optimizer; "
+                          "drop those --set, or train into a new --out")
+    return diffs
+
+
 def restore_rng(state: dict, payload: dict) -> None:
     torch.set_rng_state(payload["torch_rng"])
     import ast

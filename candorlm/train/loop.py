@@ -127,9 +127,15 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             parallel.barrier(dist)
 
         state, payload = ckpt.load_train_state(out_dir)
+        changes = ckpt.resume_changes(ckpt.load_run_config(out_dir), cfg.to_dict())
         sd = load_file(str(out_dir / "model.safetensors"))
         model.load_state_dict(sd, strict=not mcfg.tie_embeddings)
+        if "train.max_steps" in changes:  # asked for another length: the schedule follows it
+            state["max_steps"] = tcfg.max_steps
         log(f"resuming {out_dir} at step {state['step']} of {state['max_steps']}")
+        if changes:
+            log("changed since the checkpoint (the run will not match an uninterrupted one): "
+                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
     train_model = parallel.parallelize(model, tcfg, dist)  # also activation checkpointing and compile
     # FSDP/TP replace the parameters with DTensors on train_model; otherwise `model` holds them
     # (uncompiled and unwrapped, so eval runs it directly).
