@@ -13,6 +13,14 @@ from dataclasses import dataclass, field
 from candorlm.errors import CandorError
 
 
+def check_at_least(section: str, obj, lows: dict[str, float], meaning: str = "") -> None:
+    """Raise a CandorError for the first field of obj below its lower bound."""
+    for name, low in lows.items():
+        v = getattr(obj, name)
+        if v < low:
+            raise CandorError(f"{section}.{name}={v} must be >= {low}" + (f" ({meaning})" if meaning else ""))
+
+
 @dataclass
 class ModelConfig:
     """A decoder-only transformer. The defaults are Qwen3's choices (RMSNorm, RoPE, GQA,
@@ -43,13 +51,8 @@ class ModelConfig:
     def resolved(self) -> "ModelConfig":
         """A copy with derived fields (head_dim, d_ff) filled in and every field checked."""
         c = dataclasses.replace(self)
-        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len")
-        for name in sizes:
-            if getattr(c, name) < 1:
-                raise CandorError(f"model.{name}={getattr(c, name)} must be >= 1")
-        for name in ("head_dim", "d_ff"):
-            if getattr(c, name) < 0:
-                raise CandorError(f"model.{name}={getattr(c, name)} must be >= 0 (0: derived from d_model)")
+        check_at_least("model", c, dict.fromkeys(("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"), 1))
+        check_at_least("model", c, {"head_dim": 0, "d_ff": 0}, "0: derived from d_model")
         if c.head_dim == 0:
             if c.d_model % c.n_heads:
                 raise CandorError(f"model.d_model={c.d_model} is not divisible by model.n_heads={c.n_heads}; set model.head_dim explicitly")
@@ -121,28 +124,16 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         """Raise a CandorError naming the first setting outside its accepted range."""
-        c = self
-        checks = [
-            (c.seq_len >= 1 and c.batch_size >= 1 and c.grad_accum >= 1,
-             f"train.seq_len={c.seq_len}, train.batch_size={c.batch_size} and train.grad_accum={c.grad_accum} must each be >= 1"),
-            (c.max_steps >= 0, f"train.max_steps={c.max_steps} must be >= 0"),
-            (c.optimizer in OPTIMIZERS, f"train.optimizer={c.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"),
-            (c.lr >= 0 and c.matrix_lr >= 0 and c.weight_decay >= 0,
-             f"train.lr={c.lr}, train.matrix_lr={c.matrix_lr} and train.weight_decay={c.weight_decay} must be >= 0"),
-            (0 <= c.beta1 < 1 and 0 <= c.beta2 < 1, f"train.beta1={c.beta1} and train.beta2={c.beta2} must be in [0, 1)"),
-            (c.warmup_steps >= 0, f"train.warmup_steps={c.warmup_steps} must be >= 0"),
-            (0 <= c.decay_frac <= 1 and 0 <= c.min_lr_frac <= 1,
-             f"train.decay_frac={c.decay_frac} and train.min_lr_frac={c.min_lr_frac} must be in [0, 1]"),
-            (c.grad_clip >= 0, f"train.grad_clip={c.grad_clip} must be >= 0 (0: off)"),
-            (c.dtype in DTYPES, f"train.dtype={c.dtype!r} is not one of {', '.join(DTYPES)}"),
-            (c.eval_every >= 0 and c.save_every >= 0, f"train.eval_every={c.eval_every} and train.save_every={c.save_every} must be >= 0 (0: off)"),
-            (c.eval_tokens >= 1 and c.log_every >= 1, f"train.eval_tokens={c.eval_tokens} and train.log_every={c.log_every} must be >= 1"),
-            (c.time_budget_s >= 0, f"train.time_budget_s={c.time_budget_s} must be >= 0 (0: none)"),
-            (c.tp_size >= 1, f"train.tp_size={c.tp_size} must be >= 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise CandorError(msg)
+        check_at_least("train", self, dict.fromkeys(("seq_len", "batch_size", "grad_accum", "eval_tokens", "log_every", "tp_size"), 1))
+        check_at_least("train", self, dict.fromkeys(("max_steps", "lr", "matrix_lr", "weight_decay", "warmup_steps"), 0))
+        check_at_least("train", self, dict.fromkeys(("grad_clip", "eval_every", "save_every", "time_budget_s"), 0), "0: off")
+        for name, top in (("beta1", "1)"), ("beta2", "1)"), ("decay_frac", "1]"), ("min_lr_frac", "1]")):
+            v = getattr(self, name)
+            if not (0 <= v < 1 if top == "1)" else 0 <= v <= 1):
+                raise CandorError(f"train.{name}={v} must be in [0, {top}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise CandorError(f"train.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         return self
 
 
@@ -282,18 +273,12 @@ def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] |
         cfg.model.vocab_size = cfg.tokenizer.vocab_size
     if cfg.model.max_seq_len < cfg.train.seq_len:
         cfg.model.max_seq_len = cfg.train.seq_len
-    t = cfg.tokenizer
-    if t.vocab_size < TOKENIZER_MIN_VOCAB:
-        raise CandorError(f"tokenizer.vocab_size={t.vocab_size} must be >= {TOKENIZER_MIN_VOCAB} (6 special tokens + 256 bytes)")
-    for name in ("min_frequency", "max_train_bytes"):
-        if getattr(t, name) < 0:
-            raise CandorError(f"tokenizer.{name}={getattr(t, name)} must be >= 0")
+    check_at_least("tokenizer", cfg.tokenizer, {"vocab_size": TOKENIZER_MIN_VOCAB}, "6 special tokens + 256 bytes")
+    check_at_least("tokenizer", cfg.tokenizer, {"min_frequency": 0, "max_train_bytes": 0})
     cfg.model = cfg.model.resolved()
     cfg.train.check()
     if not 0 <= cfg.data.val_fraction < 1:
         raise CandorError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
-    if cfg.data.workers < 0:
-        raise CandorError(f"data.workers={cfg.data.workers} must be >= 0 (0: all cores)")
     return cfg
 
 
