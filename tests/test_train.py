@@ -64,6 +64,29 @@ def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, mic
     assert res["step"] == 16  # the new length, not the checkpoint's 12
 
 
+def test_time_budget_fits_the_run_twice_and_keeps_the_schedule(micro_tokens, micro_tokenizer, tmp_path):
+    from candorlm.train.loop import _refit_step, _steps_for_budget
+    from conftest import micro_config as mc
+
+    t = mc(("train.max_steps", "100000"), ("train.eval_every", "0")).train
+    # 0.1 s steps, 6 done in 1 s of a 31 s budget (one final eval of 2048 tokens, 2 s for the save)
+    assert _steps_for_budget(31.0, [0.1] * 4, t, 256, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 3 - 2) / 0.1)
+    assert _steps_for_budget(1.0, [0.1] * 4, t, 256, 5.0, 6) == 9  # over budget: no shorter than the stable phase
+    assert _steps_for_budget(1000.0, [0.1] * 4, mc(("train.max_steps", "50")).train, 256, 1.0, 6) == 50  # the cap
+    assert _refit_step(6, 400, t) == 100 and _refit_step(6, 20, t) is None and _refit_step(100, 400, t) is None
+
+    cfg = micro_config(("train.time_budget_s", "6"), ("train.max_steps", "100000"), ("train.eval_every", "0"))
+    res = pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
+    log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    fits = [r for r in log if r.get("event") == "budget"]
+    assert [r["step"] for r in fits] == [6, fits[0]["max_steps"] // 4]
+    assert res["step"] == fits[-1]["max_steps"] < 100000
+    lrs = [r["lr_mult"] for r in log if "lr_mult" in r and r["step"] > cfg.train.warmup_steps]
+    assert lrs == sorted(lrs, reverse=True)  # refitting never moved the schedule back up
+    last = res["step"] - int(res["step"] * (1 - cfg.train.decay_frac))
+    assert lrs[-1] == pytest.approx(1 / last)  # the final step is the decay's last
+
+
 def _cli(*args, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen([sys.executable, "-m", "candorlm", *args], env=env, stdout=subprocess.PIPE,

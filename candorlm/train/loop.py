@@ -185,7 +185,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
 
         bar = tqdm(total=state["max_steps"], initial=state["step"], unit="step", dynamic_ncols=True, file=sys.stderr,
                    disable=None)
-    last_eval, t_start, step_times = None, time.perf_counter(), []
+    last_eval, t_start, step_times, refit_at = None, time.perf_counter(), [], None
     result = {}
     with _Interrupt() as interrupt:
         while state["step"] < state["max_steps"]:
@@ -215,11 +215,17 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             state["elapsed_s"] += dt
             train_loss = parallel.mean_across_ranks(loss_sum / tcfg.grad_accum, dist)
             step_times.append(dt)
-            if budget and state["step"] == CALIBRATION_STEPS:
-                state["max_steps"] = _steps_for_budget(budget, step_times[2:], tcfg, tokens_per_step,
-                                                       time.perf_counter() - t_start, state["max_steps"])
-                state["max_steps"] = int(parallel.min_across_ranks(state["max_steps"], dist))
-                log(f"time budget {budget:.0f}s: {np.mean(step_times[2:]):.3f}s/step -> train.max_steps = {state['max_steps']}")
+            if budget and state["step"] in (CALIBRATION_STEPS, refit_at):
+                # Fit the run to the budget: after a few steps, then once more on steady step
+                # times (the first ones ran ~6% slow in the demo, leaving ~30 s unused).
+                recent = step_times[2:] if state["step"] == CALIBRATION_STEPS else step_times[-100:]
+                fit = _steps_for_budget(budget, recent, tcfg, tokens_per_step, time.perf_counter() - t_start,
+                                        state["step"])
+                state["max_steps"] = int(parallel.min_across_ranks(fit, dist))
+                log(f"time budget {budget:.0f}s: {np.median(recent):.3f}s/step -> train.max_steps = {state['max_steps']}")
+                write_log({"step": state["step"], "event": "budget", "s_per_step": float(np.median(recent)),
+                           "max_steps": state["max_steps"]})
+                refit_at = _refit_step(state["step"], state["max_steps"], tcfg) if refit_at is None else None
                 if bar is not None:
                     bar.total = state["max_steps"]
             tok_s = tokens_per_step / dt
@@ -256,14 +262,26 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     return result
 
 
-def _steps_for_budget(budget: float, times: list[float], tcfg, tokens_per_step: int, spent: float, cap: int) -> int:
-    """Steps that fit the remaining budget, counting evals (forward only, ~1/3 of a training
-    step's cost per token) and the final save."""
+def _steps_for_budget(budget: float, times: list[float], tcfg, tokens_per_step: int, spent: float, done: int) -> int:
+    """The run's length in steps, `done` of them taken in `spent` seconds, so that it ends
+    within the budget, counting evals (forward only, ~1/3 of a training step's cost per
+    token) and the final save; at most train.max_steps. Never so short that the decay phase
+    would already have begun: the schedule's past stays as it was."""
     t_step = float(np.median(times))
     t_eval = t_step * (tcfg.eval_tokens / tokens_per_step) / 3
     remaining = budget - spent - t_eval - 2.0
     per_step = t_step + (t_eval / tcfg.eval_every if tcfg.eval_every else 0.0)
-    return max(CALIBRATION_STEPS, min(cap, CALIBRATION_STEPS + int(remaining / per_step)))
+    fit = min(tcfg.max_steps, done + max(0, int(remaining / per_step)))
+    stable = math.ceil(done / (1 - tcfg.decay_frac)) if tcfg.decay_frac < 1 else done
+    return min(tcfg.max_steps, max(done, fit, stable))
+
+
+def _refit_step(step: int, max_steps: int, tcfg) -> int | None:
+    """When to fit the budget again: a quarter of the way, if that is still before the decay
+    phase (whose start depends on the length) and after the first fit."""
+    at = max_steps // 4
+    decay_start = int(max_steps * (1 - tcfg.decay_frac))
+    return at if step < at < decay_start else None
 
 
 def threads_default() -> None:
