@@ -217,7 +217,8 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             step_times.append(dt)
             if budget and state["step"] in (CALIBRATION_STEPS, refit_at):
                 # Fit the run to the budget: after a few steps, then once more on steady step
-                # times (the first ones ran ~6% slow in the demo, leaving ~30 s unused).
+                # times (the early ones were 6-11% off, either way, in demo runs:
+                # docs/benchmarks.md).
                 recent = step_times[2:] if state["step"] == CALIBRATION_STEPS else step_times[-100:]
                 fit = _steps_for_budget(budget, recent, tcfg, tokens_per_step, time.perf_counter() - t_start,
                                         state["step"])
