@@ -62,6 +62,15 @@ def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, mic
     res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "16"), ("train.batch_size", "3")),
                    quiet=True, resume=True)
     assert res["step"] == 16  # the new length, not the checkpoint's 12
+    # a longer context: no new weights under RoPE, so it trains on; learned positions would need them
+    longer = (("train.max_steps", "18"), ("train.seq_len", "128"), ("model.max_seq_len", "128"))
+    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(*longer), quiet=True, resume=True)
+    assert res["step"] == 18 and json.loads((out / "config.json").read_text())["model"]["max_seq_len"] == 128
+    learned = tmp_path / "learned"
+    pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned")), quiet=True, stop_at_step=2)
+    with pytest.raises(CandorError, match="model.max_seq_len=128"):
+        pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned"), *longer),
+                 quiet=True, resume=True)
 
 
 def test_time_budget_fits_the_run_twice_and_keeps_the_schedule(micro_tokens, micro_tokenizer, tmp_path):
