@@ -111,11 +111,11 @@ def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, cura
     train_fp = _fp(shards_fp, dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.train))
     if force or not _current(base_dir, train_fp, ["model.safetensors", "config.json"]):
         say(f"[4/5] pretraining ({cfg.preset}) -> {base_dir}")
-        if force and base_dir.exists():
+        resume = not force and (base_dir / "train_state" / "state.json").is_file() and _same_run(base_dir, train_fp)
+        if base_dir.exists() and not resume:  # another run's model (changed settings, or --force)
             import shutil
 
             shutil.rmtree(base_dir)
-        resume = (base_dir / "train_state" / "state.json").is_file() and _same_run(base_dir, train_fp)
         atomic_write_json(base_dir / "fingerprint.json", {"fingerprint": train_fp})
         result = pretrain(tokens_dir, tok_dir, base_dir, cfg, resume=resume, quiet=quiet)
         if result.get("interrupted"):

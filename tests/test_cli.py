@@ -93,3 +93,13 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stderr.count("is current; skipped") == 4, r2.stderr
     assert (run / "base" / "model.safetensors").read_bytes() == weights
+
+    # a changed training setting redoes pretraining only, into a clean model directory
+    r3 = candor(*args, "--set", "train.max_steps=8")
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert r3.stderr.count("is current; skipped") == 3 and "[4/5] pretraining" in r3.stderr, r3.stderr
+    log = [json.loads(line) for line in (run / "base" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r.get("event") == "done"] == [8]  # this run's log alone
+    # --force redoes every stage
+    r4 = candor(*args, "--set", "train.max_steps=8", "--force")
+    assert r4.returncode == 0 and "skipped" not in r4.stderr, r4.stderr[-3000:]

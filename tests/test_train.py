@@ -186,6 +186,15 @@ def test_resume_without_checkpoint_is_a_clear_error(micro_tokens, micro_tokenize
         pretrain(micro_tokens, micro_tokenizer, tmp_path / "none", micro_config(), quiet=True, resume=True)
 
 
+def test_a_new_run_does_not_train_over_a_checkpoint(micro_tokens, micro_tokenizer, tmp_path):
+    out = tmp_path / "m"
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=3)
+    before = weights(out)
+    with pytest.raises(CandorError, match="already holds a training checkpoint: pass --resume"):
+        pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True)
+    assert all(torch.equal(before[k], v) for k, v in weights(out).items())
+
+
 @pytest.mark.parametrize("key, value", [
     ("train.batch_size", "0"), ("train.grad_accum", "0"), ("train.lr", "-0.1"), ("train.beta2", "1"),
     ("train.decay_frac", "1.5"), ("train.dtype", "fp16"), ("train.optimizer", "sgd"), ("train.log_every", "0"),

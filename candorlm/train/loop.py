@@ -106,6 +106,9 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     tcfg, mcfg = cfg.train.check(), cfg.model
     if torch.device(device).type == "cpu":
         configure_cpu_allocator()
+    if not resume and (out_dir / "train_state" / "state.json").is_file():
+        raise CandorError(f"{out_dir} already holds a training checkpoint: pass --resume to continue it, "
+                          "or another --out for a new run")
     meta = load_meta(tokens_dir)
     mcfg.vocab_size = int(meta["vocab_size"])
     mcfg.max_seq_len = max(mcfg.max_seq_len, tcfg.seq_len)
@@ -158,6 +161,8 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     run_cfg_dict = cfg.to_dict()
     log_path = out_dir / "log.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and dist.rank == 0:
+        log_path.unlink(missing_ok=True)  # a log left by a run that never saved: this run's log starts fresh
 
     def write_log(rec: dict) -> None:
         if dist.rank == 0:
