@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 
 from candorlm.errors import CandorError
@@ -68,11 +69,23 @@ def cmd_pretrain(args) -> None:
         print(json.dumps({k: result[k] for k in ("step", "val_bpb", "tok_s", "mfu")}))
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
+def unescape(text: str) -> str:
+    """\\n, \\t, \\r, \\\\ and escaped quotes in a prompt typed on the command line (as llama.cpp
+    does): a shell passes "import os\\n" as a backslash and an n. Other backslashes stay."""
+    return re.sub(r"\\([ntr\\\"'])", lambda m: _ESCAPES[m.group(1)], text)
+
+
 def cmd_generate(args) -> None:
     from candorlm.api import load
 
     m = load(args.model)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if args.prompt is None:
+        prompt = sys.stdin.read()
+    else:
+        prompt = args.prompt if args.no_escape else unescape(args.prompt)
     for piece in m.stream(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -161,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="complete a prompt")
     p.add_argument("--model", required=True)
-    p.add_argument("prompt", nargs="?", help="the prompt (default: standard input)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("prompt", nargs="?", help="the prompt; \\n, \\t, \\\\ are escapes (default: standard input, as is)")
+    p.add_argument("--no-escape", action="store_true", help="take the prompt argument's backslashes literally")
+    # None: the model directory's generation_config.json decides (128 tokens, 0.8, 50, 0.95 as written by pretrain)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="0: off")
+    p.add_argument("--top-p", type=float, default=None, help="1: off")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
 

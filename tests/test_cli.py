@@ -84,6 +84,13 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     hf = PreTrainedTokenizerFast(tokenizer_file=str(run / "tokenizer" / "tokenizer.json"))
     assert hf.encode("def f(x):\n    return x") == m.tokenizer.encode("def f(x):\n    return x")
 
+    # a prompt's \n typed in a shell is a newline; unset sampling flags take generation_config.json's
+    gen = candor("generate", "--model", str(run / "base"), "def f(x):\\n    return", "--seed", "0", "--max-new-tokens", "12")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout == m.generate("def f(x):\n    return", max_new_tokens=12, seed=0) + "\n"
+    raw = candor("generate", "--model", str(run / "base"), "--no-escape", "a\\n", "--temperature", "0", "--max-new-tokens", "4")
+    assert raw.stdout == m.generate("a\\n", max_new_tokens=4, temperature=0) + "\n"
+
     bad = candor("generate", "--model", str(run / "base"), "hi", "--temperature", "-1")
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "temperature=-1.0" in bad.stderr, bad.stderr
     assert bad.stdout == ""
@@ -103,3 +110,12 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     # --force redoes every stage
     r4 = candor(*args, "--set", "train.max_steps=8", "--force")
     assert r4.returncode == 0 and "skipped" not in r4.stderr, r4.stderr[-3000:]
+
+
+def test_prompt_escapes():
+    from candorlm.cli import unescape
+
+    assert unescape(r"import os\n") == "import os\n"
+    assert unescape(r"a\tb\\n") == "a\tb\\n"  # an escaped backslash stays one backslash
+    assert unescape(r'say \"hi\"') == 'say "hi"'
+    assert unescape("C:\\path\\q naïve\\") == "C:\\path\\q naïve\\"  # other backslashes are kept
