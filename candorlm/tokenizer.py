@@ -121,7 +121,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         show_progress=False,
     )
     length = len(texts) if isinstance(texts, Sequence) else None
-    tok.train_from_iterator(texts, trainer=trainer, length=length)
+    seen = [0]
+
+    def counted():
+        for t in texts:
+            seen[0] += len(t)
+            yield t
+
+    tok.train_from_iterator(counted(), trainer=trainer, length=length)
+    if not seen[0]:
+        raise CandorError("no text to train a tokenizer on: the documents were empty (curate a source first)")
     return Tokenizer(tok)
 
 

@@ -188,3 +188,9 @@ def test_tokenizer_config_fields(saved):
     cfg = json.loads((saved / "tokenizer_config.json").read_text())
     assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert cfg["bos_token"] == "<|bos|>" and cfg["eos_token"] == "<|end|>" and cfg["pad_token"] == "<|pad|>"
+
+
+def test_no_text_is_a_clear_error():
+    for texts in ([], ["", ""], iter([])):
+        with pytest.raises(CandorError, match="no text to train a tokenizer on"):
+            train_tokenizer(texts, vocab_size=300)

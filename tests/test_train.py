@@ -186,6 +186,16 @@ def test_resume_without_checkpoint_is_a_clear_error(micro_tokens, micro_tokenize
         pretrain(micro_tokens, micro_tokenizer, tmp_path / "none", micro_config(), quiet=True, resume=True)
 
 
+def test_an_empty_validation_split_is_refused_before_training(micro_docs, micro_tokenizer, tmp_path):
+    from candorlm.data.shards import build_shards
+    from candorlm.tokenizer import Tokenizer
+
+    build_shards(micro_docs, Tokenizer.load(micro_tokenizer), tmp_path / "tokens", val_fraction=0.0)
+    with pytest.raises(CandorError, match="validation split .* has 0 tokens"):
+        pretrain(tmp_path / "tokens", micro_tokenizer, tmp_path / "m", micro_config(), quiet=True)
+    assert not (tmp_path / "m").exists()
+
+
 def test_a_new_run_does_not_train_over_a_checkpoint(micro_tokens, micro_tokenizer, tmp_path):
     out = tmp_path / "m"
     pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=3)

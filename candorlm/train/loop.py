@@ -114,6 +114,10 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     mcfg.max_seq_len = max(mcfg.max_seq_len, tcfg.seq_len)
     cfg.model = mcfg = mcfg.resolved()
     train_tokens, val_tokens = open_split(tokens_dir, "train"), open_split(tokens_dir, "val")
+    if len(val_tokens) < tcfg.seq_len + 1:  # found now, not at the first eval after training
+        raise CandorError(f"the validation split in {tokens_dir} has {len(val_tokens)} tokens, fewer than one window "
+                          f"of train.seq_len+1 = {tcfg.seq_len + 1}: add documents, raise data.val_fraction, "
+                          "or lower train.seq_len")
     token_bytes = token_bytes_for(tokenizer_dir, tokens_dir)
     log = (lambda *a: None) if (quiet or dist.rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
