@@ -121,15 +121,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
         show_progress=False,
     )
     length = len(texts) if isinstance(texts, Sequence) else None
-    seen = [0]
+    n_chars = 0
 
     def counted():
+        nonlocal n_chars
         for t in texts:
-            seen[0] += len(t)
+            n_chars += len(t)
             yield t
 
     tok.train_from_iterator(counted(), trainer=trainer, length=length)
-    if not seen[0]:
+    if not n_chars:
         raise CandorError("no text to train a tokenizer on: the documents were empty (curate a source first)")
     return Tokenizer(tok)
 

@@ -281,7 +281,7 @@ def _steps_for_budget(budget: float, times: list[float], tcfg, tokens_per_step: 
     t_eval = t_step * (tcfg.eval_tokens / tokens_per_step) / 3
     remaining = budget - spent - t_eval - 2.0
     per_step = t_step + (t_eval / tcfg.eval_every if tcfg.eval_every else 0.0)
-    fit = min(tcfg.max_steps, done + max(0, int(remaining / per_step)))
+    fit = done + max(0, int(remaining / per_step))
     stable = math.ceil(done / (1 - tcfg.decay_frac)) if tcfg.decay_frac < 1 else done
     return min(tcfg.max_steps, max(done, fit, stable))
 
