@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from candorlm.generation import generate_ids
-from candorlm.model.io import load_model
+from candorlm.model.io import load_model, resolve_device
 
 
 class LoadedModel:
@@ -82,7 +82,7 @@ class LoadedModel:
 
 
 def load(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
-    if torch.device(device).type == "cpu":
+    if resolve_device(device).type == "cpu":
         from candorlm.train.hardware import configure_cpu_allocator
 
         configure_cpu_allocator()

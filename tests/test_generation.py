@@ -124,3 +124,8 @@ def test_damaged_model_directories_are_clear_errors(micro_model, tmp_path):
     (bad / "config.json").write_text("{")
     with pytest.raises(CandorError, match="not a valid candorlm config.json"):
         candorlm.load(bad)
+    with pytest.raises(CandorError, match="not a torch device"):
+        candorlm.load(micro_model, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(CandorError, match="CUDA is not available"):
+            candorlm.load(micro_model, device="cuda")

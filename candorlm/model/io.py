@@ -102,7 +102,18 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         raise CandorError(f"{p} is not a valid candorlm config.json ({e})") from None
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise CandorError(f"device {device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CandorError(f"device {device!r}: CUDA is not available on this machine; use device='cpu'")
+    return dev
+
+
 def load_model(model_dir: str | Path, device: str = "cpu") -> Transformer:
+    resolve_device(device)
     recover(model_dir)
     cfg = read_model_config(model_dir)
     wpath = Path(model_dir) / "model.safetensors"
