@@ -79,9 +79,9 @@ def test_time_budget_fits_the_run_twice_and_keeps_the_schedule(micro_tokens, mic
 
     t = mc(("train.max_steps", "100000"), ("train.eval_every", "0")).train
     # 0.1 s steps, 6 done in 1 s of a 31 s budget (one final eval of 2048 tokens, 2 s for the save)
-    assert _steps_for_budget(31.0, [0.1] * 4, t, 256, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 3 - 2) / 0.1)
-    assert _steps_for_budget(1.0, [0.1] * 4, t, 256, 5.0, 6) == 9  # over budget: no shorter than the stable phase
-    assert _steps_for_budget(1000.0, [0.1] * 4, mc(("train.max_steps", "50")).train, 256, 1.0, 6) == 50  # the cap
+    assert _steps_for_budget(31.0, 0.1, t, 256, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 2 - 2) / 0.1)
+    assert _steps_for_budget(1.0, 0.1, t, 256, 5.0, 6) == 9  # over budget: no shorter than the stable phase
+    assert _steps_for_budget(1000.0, 0.1, mc(("train.max_steps", "50")).train, 256, 1.0, 6) == 50  # the cap
     assert _refit_step(6, 400, t) == 100 and _refit_step(6, 20, t) is None and _refit_step(100, 400, t) is None
 
     cfg = micro_config(("train.time_budget_s", "6"), ("train.max_steps", "100000"), ("train.eval_every", "0"))

@@ -225,16 +225,17 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             train_loss = parallel.mean_across_ranks(loss_sum / tcfg.grad_accum, dist)
             step_times.append(dt)
             if budget and state["step"] in (CALIBRATION_STEPS, refit_at):
-                # Fit the run to the budget: after a few steps, then once more on steady step
-                # times (the early ones were 6-11% off, either way, in demo runs:
-                # docs/benchmarks.md).
-                recent = step_times[2:] if state["step"] == CALIBRATION_STEPS else step_times[-100:]
-                fit = _steps_for_budget(budget, recent, tcfg, tokens_per_step, time.perf_counter() - t_start,
+                # Fit the run to the budget: after a few steps on their median (the early ones
+                # may still be warming up), then once more on the mean of the last 100, whose
+                # sum is what the budget pays. Early times were 6-11% off either way in demo
+                # runs, and a median missed a busy machine's slow outliers (docs/benchmarks.md).
+                first = state["step"] == CALIBRATION_STEPS
+                t_step = float(np.median(step_times[2:]) if first else np.mean(step_times[-100:]))
+                fit = _steps_for_budget(budget, t_step, tcfg, tokens_per_step, time.perf_counter() - t_start,
                                         state["step"])
                 state["max_steps"] = int(parallel.min_across_ranks(fit, dist))
-                log(f"time budget {budget:.0f}s: {np.median(recent):.3f}s/step -> train.max_steps = {state['max_steps']}")
-                write_log({"step": state["step"], "event": "budget", "s_per_step": float(np.median(recent)),
-                           "max_steps": state["max_steps"]})
+                log(f"time budget {budget:.0f}s: {t_step:.3f}s/step -> train.max_steps = {state['max_steps']}")
+                write_log({"step": state["step"], "event": "budget", "s_per_step": t_step, "max_steps": state["max_steps"]})
                 refit_at = _refit_step(state["step"], state["max_steps"], tcfg) if refit_at is None else None
                 if bar is not None:
                     bar.total = state["max_steps"]
@@ -272,13 +273,13 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     return result
 
 
-def _steps_for_budget(budget: float, times: list[float], tcfg, tokens_per_step: int, spent: float, done: int) -> int:
-    """The run's length in steps, `done` of them taken in `spent` seconds, so that it ends
-    within the budget, counting evals (forward only, ~1/3 of a training step's cost per
-    token) and the final save; at most train.max_steps. Never so short that the decay phase
-    would already have begun: the schedule's past stays as it was."""
-    t_step = float(np.median(times))
-    t_eval = t_step * (tcfg.eval_tokens / tokens_per_step) / 3
+def _steps_for_budget(budget: float, t_step: float, tcfg, tokens_per_step: int, spent: float, done: int) -> int:
+    """The run's length in steps of t_step seconds, `done` of them taken in `spent` seconds,
+    so that it ends within the budget, counting evals (forward only, but eager: ~1/2 of a
+    compiled training step's cost per token, 1.8 s per cpu-tiny eval) and the final save; at
+    most train.max_steps. Never so short that
+    the decay phase would already have begun: the schedule's past stays as it was."""
+    t_eval = t_step * (tcfg.eval_tokens / tokens_per_step) / 2
     remaining = budget - spent - t_eval - 2.0
     per_step = t_step + (t_eval / tcfg.eval_every if tcfg.eval_every else 0.0)
     fit = done + max(0, int(remaining / per_step))
