@@ -26,13 +26,18 @@ class TrainBatches:
         return w[:, :-1], w[:, 1:]
 
 
+def check_eval_split(tokens: np.ndarray, seq_len: int, where: str = "") -> None:
+    """An eval needs one window of seq_len + 1 tokens; `where` names the token directory."""
+    if len(tokens) < seq_len + 1:
+        raise CandorError(f"the validation split{where} has {len(tokens)} tokens, fewer than one window of "
+                          f"seq_len+1 = {seq_len + 1}: add documents, raise data.val_fraction, or lower the seq_len")
+
+
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int):
     """Consecutive, non-overlapping windows from the start of the split: every eval sees the
     same tokens. Yields (x, y) batches covering at most max_tokens targets."""
-    n = max(1, min(max_tokens, len(tokens) - 1) // seq_len)
-    n = min(n, (len(tokens) - 1) // seq_len)
-    if n == 0:
-        raise CandorError(f"validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    check_eval_split(tokens, seq_len)
+    n = min(max(1, min(max_tokens, len(tokens) - 1) // seq_len), (len(tokens) - 1) // seq_len)
     for b in range(0, n, batch_size):
         rows = range(b, min(b + batch_size, n))
         w = np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64) for i in rows])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from candorlm.config import RunConfig, describe
-from candorlm.data.loader import TrainBatches, eval_windows
+from candorlm.data.loader import TrainBatches, check_eval_split, eval_windows
 from candorlm.data.shards import check_tokenizer, load_meta, open_split
 from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
@@ -114,10 +114,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     mcfg.max_seq_len = max(mcfg.max_seq_len, tcfg.seq_len)
     cfg.model = mcfg = mcfg.resolved()
     train_tokens, val_tokens = open_split(tokens_dir, "train"), open_split(tokens_dir, "val")
-    if len(val_tokens) < tcfg.seq_len + 1:  # found now, not at the first eval after training
-        raise CandorError(f"the validation split in {tokens_dir} has {len(val_tokens)} tokens, fewer than one window "
-                          f"of train.seq_len+1 = {tcfg.seq_len + 1}: add documents, raise data.val_fraction, "
-                          "or lower train.seq_len")
+    check_eval_split(val_tokens, tcfg.seq_len, f" in {tokens_dir}")  # now, not at the first eval after training
     token_bytes = token_bytes_for(tokenizer_dir, tokens_dir)
     log = (lambda *a: None) if (quiet or dist.rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
