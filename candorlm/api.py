@@ -31,9 +31,10 @@ class LoadedModel:
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 heal: bool = True) -> str:
-        """The completion of `prompt` (without the prompt). temperature=0 is greedy."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, heal))
+                 heal: bool = True, repetition_penalty: float | None = None) -> str:
+        """The completion of `prompt` (without the prompt). temperature=0 is greedy. Settings
+        left None take the model directory's generation_config.json."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, heal, repetition_penalty))
 
     def _healing(self, ids: list[int]) -> tuple[list[int], torch.Tensor | None, bytes]:
         """Token healing: drop the prompt's last token and make the first generated token
@@ -49,7 +50,7 @@ class LoadedModel:
         return ids[:-1], allowed, tail
 
     def stream(self, prompt: str, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,
-               heal: bool = True):
+               heal: bool = True, repetition_penalty=None):
         """Yield the completion as text pieces; bytes of a character split across tokens are
         held back until the character is whole. heal: token healing (see `_healing`)."""
         g = self.generation_config
@@ -64,6 +65,7 @@ class LoadedModel:
             temperature=g.get("temperature", 0.8) if temperature is None else temperature,
             top_k=g.get("top_k", 0) if top_k is None else top_k,
             top_p=g.get("top_p", 1.0) if top_p is None else top_p,
+            repetition_penalty=g.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
             seed=seed, stop_ids=self.stop_ids, first_allowed=allowed,
         ):
             pending += self.tokenizer.id_to_bytes(tok)

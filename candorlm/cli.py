@@ -86,7 +86,8 @@ def cmd_generate(args) -> None:
         prompt = sys.stdin.read()
     else:
         prompt = args.prompt if args.no_escape else unescape(args.prompt)
-    for piece in m.stream(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed):
+    for piece in m.stream(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
+                          repetition_penalty=args.repetition_penalty):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -176,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("prompt", nargs="?", help="the prompt; \\n, \\t, \\\\ are escapes (default: standard input, as is)")
     p.add_argument("--no-escape", action="store_true", help="take the prompt argument's backslashes literally")
-    # None: the model directory's generation_config.json decides (128 tokens, 0.8, 50, 0.95 as written by pretrain)
+    # None: the model directory's generation_config.json decides (128 tokens, 0.8, 50, 0.95, 1.0 as written by pretrain)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="0: off")
     p.add_argument("--top-p", type=float, default=None, help="1: off")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 makes tokens already in the context less likely (1: off)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
 

@@ -17,7 +17,8 @@ from candorlm.errors import CandorError
 from candorlm.model.attention import KVCache
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   repetition_penalty: float = 1.0) -> None:
     """Reject settings outside their meaning (a negative temperature would invert the
     distribution; top_p 2 would quietly mean "off") with the accepted range."""
     bad = []
@@ -29,6 +30,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
         bad.append(f"top_k={top_k!r} (an integer >= 0; 0 is off)")
     if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
         bad.append(f"top_p={top_p!r} (a number in (0, 1]; 1 is off)")
+    if not (isinstance(repetition_penalty, numbers.Real) and math.isfinite(repetition_penalty) and repetition_penalty > 0):
+        bad.append(f"repetition_penalty={repetition_penalty!r} (a number > 0; 1 is off)")
     if bad:
         raise CandorError("bad sampling setting: " + "; ".join(bad))
 
@@ -54,14 +57,25 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), as in transformers and vLLM: the logit
+    of every token already in the context is divided by `penalty` when positive, multiplied
+    when negative, so penalty > 1 makes each less likely whatever its sign. logits: (B, V);
+    seen: (V,) bool."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_ids: set[int] | None = None,
-                 use_cache: bool = True, first_allowed: torch.Tensor | None = None) -> Iterator[int]:
+                 use_cache: bool = True, first_allowed: torch.Tensor | None = None,
+                 repetition_penalty: float = 1.0) -> Iterator[int]:
     """Yield new token ids one at a time. use_cache=False recomputes the whole sequence each
     step: the obviously-correct path. first_allowed: a bool mask over the vocabulary that the
-    first sampled token must satisfy (token healing)."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    first sampled token must satisfy (token healing). repetition_penalty: see
+    `penalize_repeats`; it counts the prompt's tokens (those in the context window) and the
+    generated ones."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     model.eval()
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
@@ -76,15 +90,23 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         gen.seed()
     stop_ids = stop_ids or set()
     cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, device=device) if use_cache else None
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(ids, device=device)] = True
     logits = model(torch.tensor([ids], device=device), cache=cache, start=0)[:, -1]
     if first_allowed is not None:
         logits = logits.masked_fill(~first_allowed.to(device), float("-inf"))
     for i in range(max_new_tokens):
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, repetition_penalty)
         nxt = int(sample_next(logits, temperature, top_k, top_p, gen)[0])
         if nxt in stop_ids:
             return
         yield nxt
         ids.append(nxt)
+        if seen is not None:
+            seen[nxt] = True
         if i == max_new_tokens - 1:
             return
         if use_cache:

@@ -40,7 +40,7 @@ def test_api_generate(micro_model):
 @pytest.mark.parametrize("setting, words", [
     ({"temperature": -0.5}, "temperature=-0.5"), ({"temperature": float("nan")}, "temperature=nan"),
     ({"top_p": 0.0}, "top_p=0.0"), ({"top_p": 1.5}, "top_p=1.5"), ({"top_k": -1}, "top_k=-1"),
-    ({"max_new_tokens": -3}, "max_new_tokens=-3"),
+    ({"max_new_tokens": -3}, "max_new_tokens=-3"), ({"repetition_penalty": 0.0}, "repetition_penalty=0.0"),
 ])
 def test_bad_sampling_settings_are_refused(micro_model, setting, words):
     import candorlm
@@ -67,6 +67,49 @@ def test_top_k_and_top_p_restrict_the_support():
     seen_p = {int(sample_next(logits, 1.0, 0, p, g)) for _ in range(300)}
     assert seen_p == {0, 1}
     assert {int(sample_next(logits, 0.0, 0, 1.0, g)) for _ in range(5)} == {0}
+
+
+def test_repetition_penalty():
+    from candorlm.generation import penalize_repeats
+
+    logits = torch.tensor([[2.0, -1.0, 1.5, 0.5]])
+    seen = torch.tensor([True, True, False, False])
+    assert torch.equal(penalize_repeats(logits, seen, 2.0), torch.tensor([[1.0, -2.0, 1.5, 0.5]]))
+    assert torch.equal(penalize_repeats(logits, seen, 1.0), logits)
+    assert int(sample_next(penalize_repeats(logits, seen, 2.0), 0.0, 0, 1.0, None)) == 2  # was 0
+
+
+def test_repetition_penalty_in_decoding(micro_model, tmp_path):
+    import json
+    import shutil
+
+    import candorlm
+    from candorlm.generation import penalize_repeats
+    from candorlm.model.io import load_model
+
+    m = load_model(micro_model)
+    prompt = [0, 5, 9, 200, 5, 9]
+    plain = list(generate_ids(m, prompt, 30, temperature=0))
+    assert list(generate_ids(m, prompt, 30, temperature=0, repetition_penalty=1.0)) == plain
+    # the reference: recompute, penalize every token of the context so far, take the argmax
+    ids, ref = list(prompt), []
+    with torch.no_grad():
+        for _ in range(30):
+            seen = torch.zeros(m.cfg.vocab_size, dtype=torch.bool)
+            seen[ids] = True
+            ref.append(int(penalize_repeats(m(torch.tensor([ids]))[:, -1], seen, 3.0).argmax()))
+            ids.append(ref[-1])
+    got = list(generate_ids(m, prompt, 30, temperature=0, repetition_penalty=3.0))
+    assert got == ref and got != plain
+    api = candorlm.load(micro_model)
+    penalized = api.generate("def ", max_new_tokens=12, temperature=0, repetition_penalty=3.0)
+    assert penalized != api.generate("def ", max_new_tokens=12, temperature=0)
+    # left unset, it is the model directory's generation_config.json that decides
+    shutil.copytree(micro_model, tmp_path / "m")
+    gpath = tmp_path / "m" / "generation_config.json"
+    assert json.loads(gpath.read_text())["repetition_penalty"] == 1.0
+    gpath.write_text(json.dumps({**json.loads(gpath.read_text()), "repetition_penalty": 3.0}))
+    assert candorlm.load(tmp_path / "m").generate("def ", max_new_tokens=12, temperature=0) == penalized
 
 
 def test_prompt_longer_than_context_is_truncated(micro_model):

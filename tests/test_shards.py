@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from candorlm.data.documents import documents_fingerprint, iter_documents
 from candorlm.data.shards import build_shards, load_meta, open_split, shard_dtype
@@ -199,3 +200,17 @@ def test_errors(tmp_path, tok):
         open_split(tmp_path / "tokens", "val")
     with pytest.raises(CandorError, match="val_fraction"):
         build_shards(d, tok, tmp_path / "t2", val_fraction=1.0)
+
+
+def test_eval_windows_spread_over_the_split():
+    from candorlm.data.loader import eval_windows
+
+    tokens = np.arange(1001, dtype=np.uint16)  # 100 whole windows of 10 (+1 target)
+    rows = [x for x, _ in eval_windows(tokens, 10, 40, batch_size=3)]
+    starts = [int(r[0]) for b in rows for r in b]
+    assert starts == [0, 250, 500, 750]  # 4 windows spread, not the split's first 40 tokens
+    everything = [(x, y) for x, y in eval_windows(tokens, 10, 10**6, batch_size=32)]
+    xs = torch.cat([x for x, _ in everything])
+    assert xs.shape == (100, 10) and torch.equal(xs.flatten(), torch.arange(1000))  # all, once
+    assert torch.equal(torch.cat([y for _, y in everything]).flatten(), torch.arange(1, 1001))
+    assert sum(len(x) for x, _ in eval_windows(tokens, 10, 5, batch_size=4)) == 1  # at least one window

@@ -34,12 +34,16 @@ def check_eval_split(tokens: np.ndarray, seq_len: int, where: str = "") -> None:
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch_size: int):
-    """Consecutive, non-overlapping windows from the start of the split: every eval sees the
-    same tokens. Yields (x, y) batches covering at most max_tokens targets."""
+    """Fixed, non-overlapping windows spread evenly over the split: every eval sees the same
+    tokens, and a budget smaller than the split samples all of it rather than its first
+    documents (on the demo model 256 windows from the start read 1.069 bits per byte, 256
+    spread 1.021, all 643 windows 1.010). Yields (x, y) batches covering at most max_tokens
+    targets."""
     check_eval_split(tokens, seq_len)
-    n = min(max(1, min(max_tokens, len(tokens) - 1) // seq_len), (len(tokens) - 1) // seq_len)
+    available = (len(tokens) - 1) // seq_len
+    n = min(max(1, max_tokens // seq_len), available)
+    starts = (np.arange(n, dtype=np.int64) * available // n) * seq_len
     for b in range(0, n, batch_size):
-        rows = range(b, min(b + batch_size, n))
-        w = np.stack([np.asarray(tokens[i * seq_len:i * seq_len + seq_len + 1], dtype=np.int64) for i in rows])
+        w = np.stack([np.asarray(tokens[s:s + seq_len + 1], dtype=np.int64) for s in starts[b:b + batch_size]])
         w = torch.from_numpy(w)
         yield w[:, :-1], w[:, 1:]

@@ -47,7 +47,7 @@ def write_model_files(d: Path, model: Transformer, tokenizer_dir: str | Path | N
             src = Path(tokenizer_dir) / name
             if src.is_file() and src.resolve() != (d / name).resolve():
                 shutil.copyfile(src, d / name)
-    gen = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "max_new_tokens": 128}
+    gen = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0, "max_new_tokens": 128}
     gen.update(generation or {})
     atomic_write_json(d / "generation_config.json", gen)
 
