@@ -73,7 +73,7 @@ def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, mic
                  quiet=True, resume=True)
 
 
-def test_time_budget_fits_the_run_twice_and_keeps_the_schedule(micro_tokens, micro_tokenizer, tmp_path):
+def test_time_budget_refits_and_keeps_the_schedule(micro_tokens, micro_tokenizer, tmp_path):
     from candorlm.train.loop import _refit_step, _steps_for_budget
     from conftest import micro_config as mc
 
@@ -82,13 +82,15 @@ def test_time_budget_fits_the_run_twice_and_keeps_the_schedule(micro_tokens, mic
     assert _steps_for_budget(31.0, 0.1, t, 256, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 2 - 2) / 0.1)
     assert _steps_for_budget(1.0, 0.1, t, 256, 5.0, 6) == 9  # over budget: no shorter than the stable phase
     assert _steps_for_budget(1000.0, 0.1, mc(("train.max_steps", "50")).train, 256, 1.0, 6) == 50  # the cap
-    assert _refit_step(6, 400, t) == 100 and _refit_step(6, 20, t) is None and _refit_step(100, 400, t) is None
+    # a quarter, then half of the way; not at or past the decay's start (70% of the way here)
+    assert _refit_step(6, 400, t) == 100 and _refit_step(100, 400, t) == 200 and _refit_step(200, 400, t) is None
+    assert _refit_step(70, 304, t) == 152 and _refit_step(6, 3, t) is None  # an eighth of the run apart at least
 
     cfg = micro_config(("train.time_budget_s", "6"), ("train.max_steps", "100000"), ("train.eval_every", "0"))
     res = pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
     log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
     fits = [r for r in log if r.get("event") == "budget"]
-    assert [r["step"] for r in fits] == [6, fits[0]["max_steps"] // 4]
+    assert [r["step"] for r in fits] == [6, fits[0]["max_steps"] // 4, fits[1]["max_steps"] // 4 * 2]
     assert res["step"] == fits[-1]["max_steps"] < 100000
     lrs = [r["lr_mult"] for r in log if "lr_mult" in r and r["step"] > cfg.train.warmup_steps]
     assert lrs == sorted(lrs, reverse=True)  # refitting never moved the schedule back up

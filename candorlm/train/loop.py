@@ -223,9 +223,10 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             step_times.append(dt)
             if budget and state["step"] in (CALIBRATION_STEPS, refit_at):
                 # Fit the run to the budget: after a few steps on their median (the early ones
-                # may still be warming up), then once more on the mean of the last 100, whose
-                # sum is what the budget pays. Early times were 6-11% off either way in demo
-                # runs, and a median missed a busy machine's slow outliers (docs/benchmarks.md).
+                # may still be warming up), then at a quarter and half of the way on the mean of
+                # the last 100, whose sum is what the budget pays. Early times were 6-11% off
+                # either way in demo runs, a median missed a busy machine's slow outliers, and
+                # one refit could not follow a later change of speed (docs/benchmarks.md).
                 first = state["step"] == CALIBRATION_STEPS
                 t_step = float(np.median(step_times[2:]) if first else np.mean(step_times[-100:]))
                 fit = _steps_for_budget(budget, t_step, tcfg, tokens_per_step, time.perf_counter() - t_start,
@@ -233,7 +234,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
                 state["max_steps"] = int(parallel.min_across_ranks(fit, dist))
                 log(f"time budget {budget:.0f}s: {t_step:.3f}s/step -> train.max_steps = {state['max_steps']}")
                 write_log({"step": state["step"], "event": "budget", "s_per_step": t_step, "max_steps": state["max_steps"]})
-                refit_at = _refit_step(state["step"], state["max_steps"], tcfg) if refit_at is None else None
+                refit_at = _refit_step(state["step"], state["max_steps"], tcfg)
                 if bar is not None:
                     bar.total = state["max_steps"]
             tok_s = tokens_per_step / dt
@@ -285,11 +286,15 @@ def _steps_for_budget(budget: float, t_step: float, tcfg, tokens_per_step: int, 
 
 
 def _refit_step(step: int, max_steps: int, tcfg) -> int | None:
-    """When to fit the budget again: a quarter of the way, if that is still before the decay
-    phase (whose start depends on the length) and after the first fit."""
-    at = max_steps // 4
+    """When to fit the budget again: at the next quarter of the way (a quarter, then half)
+    that leaves at least an eighth of the run since this fit, as long as it is still before
+    the decay phase, whose start depends on the length."""
+    quarter = max_steps // 4
+    if quarter < 1:
+        return None
+    at = -(-(step + max_steps // 8) // quarter) * quarter  # the first quarter mark at or past
     decay_start = int(max_steps * (1 - tcfg.decay_frac))
-    return at if step < at < decay_start else None
+    return at if at < decay_start else None
 
 
 def threads_default() -> None:
