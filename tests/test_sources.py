@@ -13,7 +13,8 @@ import pytest
 
 from candorlm.data.ledger import LedgerWriter, aggregate_counts, read_jsonl
 from candorlm.data.normalize import content_type, normalize_text
-from candorlm.data.sources import MB, SourceReader, assign, plan, resolve_source
+from candorlm.data.reader import SourceReader
+from candorlm.data.sources import MB, assign, plan, resolve_source
 from candorlm.data.synthetic import code, prose
 from candorlm.errors import CandorError
 

@@ -80,7 +80,7 @@ def _phase_pipelines(cfg: CurateConfig, src: Source, work: str, tasks: int) -> d
     from candorlm.data import adapters, dedup, filters
     from candorlm.data.ledger import LedgerWriter, TaskEnd, TaskStart
     from candorlm.data.normalize import Normalize
-    from candorlm.data.sources import SourceReader
+    from candorlm.data.reader import SourceReader
 
     process = [
         TaskStart(work, "process"),
