@@ -73,15 +73,17 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     """Yield new token ids one at a time. use_cache=False recomputes the whole sequence each
     step: the obviously-correct path. first_allowed: a bool mask over the vocabulary that the
     first sampled token must satisfy (token healing). repetition_penalty: see
-    `penalize_repeats`; it counts the prompt's tokens (those in the context window) and the
-    generated ones."""
+    `penalize_repeats`; it counts the tokens in the context window, prompt and generated.
+
+    The model sees at most its max_seq_len tokens (a longer prompt keeps its end). When the
+    context is full, it shifts as llama.cpp's does: the last half of the tokens are kept and
+    run again from position 0, so generation can go on past the context length."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     model.eval()
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len
-    max_new_tokens = max(0, min(max_new_tokens, max_len - 1))
-    ids = list(prompt_ids)[-(max_len - max_new_tokens):] if max_new_tokens else list(prompt_ids)
-    if not ids or max_new_tokens == 0:
+    window = list(prompt_ids)[-max_len:]
+    if not window or max_new_tokens == 0:
         return
     gen = torch.Generator(device=device)
     if seed is not None:
@@ -89,12 +91,22 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     else:
         gen.seed()
     stop_ids = stop_ids or set()
-    cache = KVCache(model.cfg, 1, len(ids) + max_new_tokens, device=device) if use_cache else None
-    seen = None
-    if repetition_penalty != 1.0:
+    size = min(max_len, len(window) + max_new_tokens)
+
+    def prefill(tokens: list[int]):
+        """Logits after `tokens` from position 0, and the cache (None without) that holds them."""
+        cache = KVCache(model.cfg, 1, size, device=device) if use_cache else None
+        return model(torch.tensor([tokens], device=device), cache=cache, start=0)[:, -1], cache
+
+    def penalized(tokens: list[int]) -> torch.Tensor | None:
+        if repetition_penalty == 1.0:
+            return None
         seen = torch.zeros(model.cfg.vocab_size, dtype=torch.bool, device=device)
-        seen[torch.tensor(ids, device=device)] = True
-    logits = model(torch.tensor([ids], device=device), cache=cache, start=0)[:, -1]
+        seen[torch.tensor(tokens, device=device)] = True
+        return seen
+
+    logits, cache = prefill(window)
+    seen = penalized(window)
     if first_allowed is not None:
         logits = logits.masked_fill(~first_allowed.to(device), float("-inf"))
     for i in range(max_new_tokens):
@@ -104,12 +116,17 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
         if nxt in stop_ids:
             return
         yield nxt
-        ids.append(nxt)
-        if seen is not None:
-            seen[nxt] = True
         if i == max_new_tokens - 1:
             return
+        if len(window) == max_len:  # full: shift
+            window = window[len(window) - max_len // 2 + 1:] + [nxt]
+            logits, cache = prefill(window)
+            seen = penalized(window)
+            continue
+        window.append(nxt)
+        if seen is not None:
+            seen[nxt] = True
         if use_cache:
-            logits = model(torch.tensor([[nxt]], device=device), cache=cache, start=len(ids) - 1)[:, -1]
+            logits = model(torch.tensor([[nxt]], device=device), cache=cache, start=len(window) - 1)[:, -1]
         else:
-            logits = model(torch.tensor([ids], device=device))[:, -1]
+            logits = model(torch.tensor([window], device=device))[:, -1]

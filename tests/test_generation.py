@@ -112,12 +112,23 @@ def test_repetition_penalty_in_decoding(micro_model, tmp_path):
     assert candorlm.load(tmp_path / "m").generate("def ", max_new_tokens=12, temperature=0) == penalized
 
 
-def test_prompt_longer_than_context_is_truncated(micro_model):
+def test_generation_goes_past_the_context_by_shifting(micro_model):
     from candorlm.model.io import load_model
 
     m = load_model(micro_model)
-    out = list(generate_ids(m, list(range(1, 300)), 10, temperature=0))
-    assert len(out) <= 10
+    ctx = m.cfg.max_seq_len
+    for prompt in ([0, 5, 9], list(range(1, 3 * ctx))):  # short, and longer than the context
+        a = list(generate_ids(m, prompt, 3 * ctx, temperature=0, use_cache=True))
+        b = list(generate_ids(m, prompt, 3 * ctx, temperature=0, use_cache=False))
+        assert a == b and len(a) == 3 * ctx
+        # a prompt longer than the context keeps its end: only its last ctx tokens matter
+        assert list(generate_ids(m, prompt[-ctx:], 3 * ctx, temperature=0)) == a
+    # after a shift the model sees the last half of the tokens from position 0: the token after
+    # the shift is the one a fresh decode of that half gives
+    prompt = list(range(1, ctx + 1))
+    a = list(generate_ids(m, prompt, 2, temperature=0))
+    half = (prompt + a[:1])[-(ctx // 2):]
+    assert a[1] == next(generate_ids(m, half, 1, temperature=0))
 
 
 def test_token_healing_regenerates_the_last_prompt_token(micro_model):
