@@ -292,7 +292,7 @@ def _refit_step(step: int, max_steps: int, tcfg) -> int | None:
     quarter = max_steps // 4
     if quarter < 1:
         return None
-    at = -(-(step + max_steps // 8) // quarter) * quarter  # the first quarter mark at or past
+    at = -(-(step + max_steps // 8) // quarter) * quarter  # the first quarter mark >= step + an eighth
     decay_start = int(max_steps * (1 - tcfg.decay_frac))
     return at if at < decay_start else None
 
