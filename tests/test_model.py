@@ -105,26 +105,38 @@ def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)])
-def test_cpu_attention_kernel_matches_sdpa(heads):
+@pytest.mark.parametrize("masking", ["causal", "window", "alibi", "alibi+window"])
+def test_cpu_attention_kernel_matches_sdpa(heads, masking):
     """The CPU training attention (batched matmuls, grouped heads stacked on rows) against
-    SDPA: float64 values, and gradients by finite differences (gradcheck)."""
+    SDPA with the same mask: float64 values, and gradients by finite differences (gradcheck)."""
+    from candorlm.model.attention import build_mask
+    from candorlm.model.positions import alibi_slopes
+
     H, KV = heads
     torch.manual_seed(0)
     # q as the model makes it: a transposed view of (B, T, H, D).
     q = torch.randn(2, 13, H, 8, dtype=torch.float64).transpose(1, 2).requires_grad_()
     k = torch.randn(2, KV, 13, 8, dtype=torch.float64, requires_grad=True)
     v = torch.randn(2, KV, 13, 8, dtype=torch.float64, requires_grad=True)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=KV != H)
-    torch.testing.assert_close(causal_attention(q, k, v), ref)
-    assert torch.autograd.gradcheck(causal_attention, (q, k, v))
+    window = 4 if "window" in masking else 0
+    slopes = alibi_slopes(H) if "alibi" in masking else None
+    mask = build_mask(13, 0, window, slopes, "cpu", torch.float64)
+    assert (mask is None) == (masking == "causal")
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                           enable_gqa=KV != H)
+    torch.testing.assert_close(causal_attention(q, k, v, mask), ref)
+    assert torch.autograd.gradcheck(lambda q, k, v: causal_attention(q, k, v, mask), (q, k, v))
 
 
-def test_training_step_same_with_and_without_cpu_attention_kernel(monkeypatch):
-    """A model's loss and gradients are the kernel's or SDPA's alike (float32)."""
+@pytest.mark.parametrize("kw", [{}, {"pos_encoding": "alibi"}, {"window_pattern": "SL"},
+                                {"pos_encoding": "alibi", "window_pattern": "SL"}])
+def test_training_step_same_with_and_without_cpu_attention_kernel(monkeypatch, kw):
+    """A model's loss and gradients are the kernel's or SDPA's alike (float32), with each
+    kind of mask: causal, ALiBi biases, sliding windows."""
     import candorlm.model.attention as A
 
     torch.manual_seed(0)
-    m = Transformer(tiny(n_layers=2))
+    m = Transformer(tiny(n_layers=2, **kw))
     x = torch.randint(0, 97, (3, 40))
 
     def grads():
@@ -141,9 +153,14 @@ def test_training_step_same_with_and_without_cpu_attention_kernel(monkeypatch):
     monkeypatch.setattr(A, "CPU_ATTENTION_MAX_BYTES", 3 * 4 * 39 * 39 * 4 - 1)
     assert not A.use_cpu_attention(q, k)  # probabilities over the cap: SDPA's O(T) memory
     monkeypatch.setattr(A, "CPU_ATTENTION_MAX_BYTES", 256 << 20)
+    calls = []
+    kernel = A.causal_attention
+    monkeypatch.setattr(A, "causal_attention", lambda *a: calls.append(1) or kernel(*a))
     la, ga = grads()
+    assert len(calls) == 2  # every layer took the kernel, masked or not
     monkeypatch.setattr(A, "CPU_ATTENTION", "never")
     lb, gb = grads()
+    assert len(calls) == 2
     torch.testing.assert_close(la, lb)
     for u, v in zip(ga, gb):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)

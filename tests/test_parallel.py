@@ -161,13 +161,16 @@ def test_muon_under_fsdp_equals_one_process(micro_tokens, micro_tokenizer, tmp_p
     assert_weights_close(out, ref_muon, tol=MUON_TOL)
 
 
-@pytest.mark.parametrize("parallel,optimizer,tol", [("tp", "adamw", TOL), ("fsdp+tp", "muon", MUON_TOL)])
-def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_path, parallel, optimizer, tol):
+@pytest.mark.parametrize("parallel,optimizer,tol,pos", [("tp", "adamw", TOL, "rope"), ("fsdp+tp", "muon", MUON_TOL, "rope"),
+                                                         ("tp", "adamw", TOL, "alibi")])
+def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_path, parallel, optimizer, tol, pos):
     """Both ranks hold one replica between them, so they read the same batch: global batch B.
-    fsdp+tp on 2 ranks is a 1 x 2 (dp x tp) mesh; it also checkpoints activations here."""
+    fsdp+tp on 2 ranks is a 1 x 2 (dp x tp) mesh; it also checkpoints activations here. With
+    ALiBi each rank's heads take their own slopes (sliding windows too: "SL")."""
+    model = [("model.pos_encoding", pos)] + ([("model.window_pattern", "SL")] if pos == "alibi" else [])
     ref = tmp_path / "ref"
-    one_process(micro_tokens, micro_tokenizer, ref, ("train.optimizer", optimizer))
-    extra = [("train.parallel", parallel), ("train.tp_size", str(RANKS)), ("train.optimizer", optimizer)]
+    one_process(micro_tokens, micro_tokenizer, ref, ("train.optimizer", optimizer), *model)
+    extra = [("train.parallel", parallel), ("train.tp_size", str(RANKS)), ("train.optimizer", optimizer), *model]
     if parallel == "fsdp+tp":
         extra.append(("train.activation_checkpointing", "true"))
     out = torchrun(micro_tokens, micro_tokenizer, tmp_path / "tp", *extra)
