@@ -165,6 +165,7 @@ def test_bad_files_are_failures_with_reasons(tmp_path):
     (root / "koi8.py").write_bytes(f"# -*- coding: koi8-r -*-\ns = '{hello}'\n".encode("koi8-r"))
     (root / "empty.txt").write_bytes(b"")
     (root / "huge.txt").write_bytes(b"a" * (3 * MB))
+    (root / "huge.dat").write_bytes(b"\x00" * (2 * MB))  # over the size limit and binary: read its head only
     os.symlink(root / "missing-target", root / "dangling.txt")
     os.symlink(root, root / "loop")
     os.symlink(root / "l2", root / "l1")
@@ -172,11 +173,12 @@ def test_bad_files_are_failures_with_reasons(tmp_path):
     os.mkfifo(root / "pipe")
     docs, fails, counts = read_all(str(root), tmp_path, max_doc_bytes=MB)
     reasons = {f["id"]: f["reason"] for f in fails}
-    assert reasons == {"blob.dat": "binary", "latin1.txt": "invalid_utf8", "dangling.txt": "unreadable",
+    assert reasons == {"blob.dat": "binary", "huge.dat": "binary", "latin1.txt": "invalid_utf8", "dangling.txt": "unreadable",
                        "l1": "unreadable", "l2": "unreadable", "loop": "symlink_loop", "pipe": "not_regular_file"}
     byid = {d.id: d for d in docs}
     assert set(byid) == {"ok.txt", "koi8.py", "empty.txt", "huge.txt"}
     assert hello in byid["koi8.py"].text  # PEP 263 declared encoding
     assert byid["huge.txt"].metadata["too_large"] and len(byid["huge.txt"].text) <= 4096
     assert byid["huge.txt"].metadata["bytes"] == 3 * MB
+    assert [f["bytes"] for f in fails if f["id"] == "huge.dat"] == [2 * MB]
     assert counts["process/read"]["read"]["docs"] == len(docs) + len(fails)

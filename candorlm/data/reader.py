@@ -67,37 +67,33 @@ class SourceReader(PipelineStep):
         return d
 
     # --- unit readers: yield Documents, or failure Documents (text "", metadata error)
-    def _load(self, u: dict, decode):
-        """A whole file's text and its size in bytes, or the failure Document saying why not."""
+    def _load(self, u: dict, decode, head_only: bool = False):
+        """A file's text (its first 4 KiB with head_only) and its size in bytes, or the failure
+        Document saying why not."""
         rel = u["rel"]
         try:
             with open(u["path"], "rb") as f:
-                raw = f.read()
+                raw = f.read(4096 if head_only else -1)
         except OSError as e:
             return self._fail(rel, rel, "unreadable", f"{type(e).__name__}: {e.strerror or e}", u["size"], line=1)
+        size = u["size"] if head_only else len(raw)
         if looks_binary(raw[:8192]):
-            return self._fail(rel, rel, "binary", "binary content (NUL or control bytes)", len(raw), line=1)
+            return self._fail(rel, rel, "binary", "binary content (NUL or control bytes)", size, line=1)
         try:
-            return decode(raw, rel), len(raw)
+            return decode(raw, rel), size
         except (UnicodeDecodeError, LookupError) as e:
-            return self._fail(rel, rel, "invalid_utf8", str(e)[:300], len(raw), line=1)
+            return self._fail(rel, rel, "invalid_utf8", str(e)[:300], size, line=1)
 
     def _read_file(self, u: dict):
         rel = u["rel"]
-        if u["size"] > self.max_doc_bytes:  # read its head only
-            try:
-                with open(u["path"], "rb") as f:
-                    head = f.read(4096)
-            except OSError as e:
-                yield self._fail(rel, rel, "unreadable", f"{type(e).__name__}: {e.strerror or e}", u["size"], line=1)
-                return
-            if looks_binary(head):
-                yield self._fail(rel, rel, "binary", "binary content (NUL or control bytes)", u["size"], line=1)
-            else:
-                yield self._too_large(head.decode("utf-8", "replace"), rel, rel, u["size"], line=1)
-            return
-        got = self._load(u, decode_source)
-        yield got if isinstance(got, Document) else self._doc(got[0], rel, rel, got[1], line=1)
+        big = u["size"] > self.max_doc_bytes  # read its head only, for the too-large ledger's preview
+        got = self._load(u, (lambda raw, _: raw.decode("utf-8", "replace")) if big else decode_source, head_only=big)
+        if isinstance(got, Document):
+            yield got
+        elif big:
+            yield self._too_large(got[0], rel, rel, got[1], line=1)
+        else:
+            yield self._doc(got[0], rel, rel, got[1], line=1)
 
     def _read_txt(self, u: dict):
         rel = u["rel"]
