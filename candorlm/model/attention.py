@@ -229,7 +229,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.use_rope = cfg.pos_encoding == "rope"
-        self.head_offset = 0  # tensor parallelism: the first of this rank's query heads
 
     def forward(self, x, rope=None, mask=None, cache: KVCache | None = None, start: int = 0):
         B, T, _ = x.shape
@@ -250,8 +249,6 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer, k.to(cache.k[0].dtype), v.to(cache.v[0].dtype), start)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if isinstance(mask, torch.Tensor) and mask.dim() == 3 and mask.shape[0] != q.shape[1]:
-            mask = mask[self.head_offset:self.head_offset + q.shape[1]]  # ALiBi: this rank's heads
         if cache is None and (mask is None or isinstance(mask, torch.Tensor)) and use_cpu_attention(q, k):
             y = causal_attention(q, k, v, mask)
         elif mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask

@@ -199,7 +199,9 @@ def _apply_tp(model, tp_mesh, sequence_parallel: bool) -> None:
             plan["mlp_norm"] = SequenceParallel()
             plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
         parallelize_module(block, tp_mesh, plan)
-        block.attn.head_offset = tp_mesh.get_local_rank() * (cfg.n_heads // tp_mesh.size())  # ALiBi's slopes
+    if cfg.pos_encoding == "alibi":  # each rank attends with its own heads: keep their slopes only
+        local = cfg.n_heads // tp_mesh.size()
+        model.alibi = model.alibi[tp_mesh.get_local_rank() * local:][:local]
 
 
 def _checkpoint_blocks(model) -> None:

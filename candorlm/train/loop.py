@@ -275,8 +275,8 @@ def _steps_for_budget(budget: float, t_step: float, tcfg, tokens_per_step: int, 
     """The run's length in steps of t_step seconds, `done` of them taken in `spent` seconds,
     so that it ends within the budget, counting evals (forward only, but eager: ~1/2 of a
     compiled training step's cost per token, 1.8 s per cpu-tiny eval) and the final save; at
-    most train.max_steps. Never so short that
-    the decay phase would already have begun: the schedule's past stays as it was."""
+    most train.max_steps. Never so short that the decay phase would already have begun: the
+    schedule's past stays as it was."""
     t_eval = t_step * (tcfg.eval_tokens / tokens_per_step) / 2
     remaining = budget - spent - t_eval - 2.0
     per_step = t_step + (t_eval / tcfg.eval_every if tcfg.eval_every else 0.0)
