@@ -109,6 +109,25 @@ def cmd_eval(args) -> None:
     print(json.dumps(r))
 
 
+def cmd_export(args) -> None:
+    if args.format == "hf":
+        from candorlm.export.hf import export_hf
+
+        out = export_hf(args.model, args.out, args.type or "f32")
+    else:
+        from candorlm.export.gguf import export_gguf
+
+        out = export_gguf(args.model, args.out, args.type or "f32")
+    print(f"exported {args.model} as {args.format} to {out}")
+
+
+def cmd_import(args) -> None:
+    from candorlm.export.hf import import_hf
+
+    out = import_hf(args.src, args.out)
+    print(f"imported {args.src} as a candorlm model directory: {out}")
+
+
 def cmd_run(args) -> None:
     from candorlm import pipeline
     from candorlm.data import curate
@@ -193,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=262144, help="validation targets to score (default 262144)")
     p.add_argument("--seq-len", type=int, default=0, help="window length (default 0: the model's context)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a model directory for transformers (Qwen3) or llama.cpp (GGUF)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", required=True, choices=("hf", "gguf"))
+    p.add_argument("--type", default=None, help="weights: hf f32 (default), f16, bf16; gguf f32 (default), f16, q8_0")
+    p.add_argument("--out", required=True, help="a directory (hf) or a .gguf file (gguf)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="a transformers Qwen3 checkpoint directory to a candorlm model directory")
+    p.add_argument("--from", dest="src", required=True, help="config.json + safetensors + tokenizer.json")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("run", help="every stage, from raw text to a model, into runs/<name>/")
     p.add_argument("--name", default="demo")
