@@ -499,3 +499,25 @@ def test_gguf_cli_and_atomic_write(trained, tmp_path, capsys, monkeypatch):
     with pytest.raises(OSError):
         export_gguf(trained["default"], out, "f32")
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
+def test_import_reads_sharded_checkpoints_and_refuses_shard_paths(exported, trained, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "sharded"
+    shutil.copytree(exported["untied"], src)
+    sd = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for f, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, str(src / f))
+    index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    back = load_file(import_hf(src, tmp_path / "back") / "model.safetensors")
+    a = load_file(trained["untied"] / "model.safetensors")
+    assert a.keys() == back.keys() and all(torch.equal(a[k], back[k]) for k in a)
+    index["weight_map"][names[0]] = "../elsewhere.safetensors"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "names shard '../elsewhere.safetensors'" in cli_error(capsys, "import", "--from", str(src),
+                                                                 "--out", str(tmp_path / "x"))
