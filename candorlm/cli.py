@@ -151,6 +151,8 @@ def cmd_run(args) -> None:
     print(s["completion"]["prompt"] + s["completion"]["text"])
     print("-" * 60)
     print(f"artifacts in {s['run_dir']}/: data/ (DATA_CARD.md), tokenizer/, tokens/, base/ (model directory)")
+    for fmt, path in s.get("exports", {}).items():
+        print(f"export ({fmt}): {path}")
     print("next:")
     print(f"  candor generate --model {base} \"import os\\n\" --temperature 0.8")
     print(f"  candor eval --model {base} --data {s['run_dir']}/tokens")

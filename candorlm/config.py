@@ -159,6 +159,27 @@ class DataConfig:
 
 
 @dataclass
+class ExportConfig:
+    """`candor run`'s optional last stage: exports of the base model (candorlm/export/)."""
+
+    formats: str = ""  # comma-separated, of hf and gguf; "": none
+    gguf_type: str = "f32"  # f32 | f16 | q8_0
+
+    def format_list(self) -> list[str]:
+        fmts = [f.strip() for f in self.formats.split(",") if f.strip()]
+        for f in fmts:
+            if f not in EXPORT_FORMATS:
+                raise CandorError(f"export.formats={self.formats!r}: {f!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        if self.gguf_type not in GGUF_TYPES:
+            raise CandorError(f"export.gguf_type={self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+        return fmts
+
+
+EXPORT_FORMATS = ("hf", "gguf")
+GGUF_TYPES = ("f32", "f16", "q8_0")
+
+
+@dataclass
 class RunConfig:
     name: str = "demo"
     preset: str = "cpu-tiny"
@@ -166,6 +187,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,7 +254,7 @@ def _convert(value: str, typ, key: str):
     return value
 
 
-SECTIONS = ("model", "train", "tokenizer", "data")
+SECTIONS = ("model", "train", "tokenizer", "data", "export")
 
 
 def apply_override(cfg: RunConfig, key: str, value) -> None:
@@ -277,6 +299,7 @@ def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] |
     check_at_least("tokenizer", cfg.tokenizer, {"min_frequency": 0, "max_train_bytes": 0})
     cfg.model = cfg.model.resolved()
     cfg.train.check()
+    cfg.export.format_list()
     if not 0 <= cfg.data.val_fraction < 1:
         raise CandorError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
     return cfg

@@ -51,6 +51,11 @@ def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, cura
     from candorlm.data.sources import resolve_source
 
     resolve_source(cfg.data.source)  # a missing source fails here, before anything is written
+    if cfg.export.format_list():  # so does a model the asked export formats cannot express
+        from candorlm.export.check import refuse_inexpressible
+
+        for fmt in cfg.export.format_list():
+            refuse_inexpressible(cfg.model, fmt)
     root = Path(runs_dir) / cfg.name
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -135,10 +140,35 @@ def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, cura
     completion = m.generate(prompt, max_new_tokens=48, temperature=0.0)
     summary["completion"] = {"prompt": prompt, "text": completion}
     timings["sample"] = time.perf_counter() - t0
+    if cfg.export.format_list():
+        t0 = time.perf_counter()
+        summary["exports"] = export_stage(cfg, base_dir, root / "export", train_fp, force)
+        timings["export"] = time.perf_counter() - t0
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     atomic_write_json(root / "summary.json", summary)
     say(f"[5/5] val bits-per-byte {result['val_bpb']:.4f}")
     return summary
+
+
+def export_stage(cfg: RunConfig, base_dir: Path, out_dir: Path, model_fp: str, force: bool = False) -> dict[str, str]:
+    """The exports `export.formats` asks for, into out_dir/hf and out_dir/model-<type>.gguf;
+    each skipped when it was made from the same model and type. Returns format -> path."""
+    from candorlm.export.gguf import export_gguf
+    from candorlm.export.hf import export_hf
+
+    out = {}
+    for fmt in cfg.export.format_list():
+        path = out_dir / ("hf" if fmt == "hf" else f"model-{cfg.export.gguf_type}.gguf")
+        fp = _fp(model_fp, fmt, cfg.export.gguf_type if fmt == "gguf" else "f32")
+        stamp = out_dir / f"{path.name}.stage.json"
+        if force or not (path.exists() and stamp.is_file() and json.loads(stamp.read_text()).get("fingerprint") == fp):
+            say(f"[export] {fmt} -> {path}")
+            export_hf(base_dir, path) if fmt == "hf" else export_gguf(base_dir, path, cfg.export.gguf_type)
+            atomic_write_json(stamp, {"fingerprint": fp})
+        else:
+            say(f"[export] {path} is current; skipped")
+        out[fmt] = str(path)
+    return out
 
 
 def _same_run(base_dir: Path, fingerprint: str) -> bool:

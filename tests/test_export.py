@@ -521,3 +521,24 @@ def test_import_reads_sharded_checkpoints_and_refuses_shard_paths(exported, trai
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     assert "names shard '../elsewhere.safetensors'" in cli_error(capsys, "import", "--from", str(src),
                                                                  "--out", str(tmp_path / "x"))
+
+
+def test_run_exports_only_when_asked_and_skips_current_ones(trained, tmp_path, capsys):
+    from candorlm.config import build_config
+    from candorlm.pipeline import export_stage, run
+
+    assert build_config().export.format_list() == []
+    with pytest.raises(CandorError, match="export.formats='hf,onnx'"):
+        build_config(overrides=[("export.formats", "hf,onnx")])
+    with pytest.raises(CandorError, match="model.pos_encoding='alibi'"):  # before any stage runs
+        run(build_config(overrides=[("export.formats", "hf"), ("model.pos_encoding", "alibi")]),
+            runs_dir=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    cfg = build_config(overrides=[("export.formats", "hf, gguf"), ("export.gguf_type", "q8_0")])
+    paths = export_stage(cfg, trained["default"], tmp_path / "export", "fp")
+    assert paths == {"hf": str(tmp_path / "export" / "hf"), "gguf": str(tmp_path / "export" / "model-q8_0.gguf")}
+    stamp = os.stat(paths["gguf"]).st_mtime_ns
+    export_stage(cfg, trained["default"], tmp_path / "export", "fp")
+    assert os.stat(paths["gguf"]).st_mtime_ns == stamp and "is current; skipped" in capsys.readouterr().err
+    export_stage(cfg, trained["default"], tmp_path / "export", "another model")
+    assert os.stat(paths["gguf"]).st_mtime_ns != stamp
