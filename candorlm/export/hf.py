@@ -78,7 +78,7 @@ def candor_name(name: str) -> str | None:
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """config.json for `Qwen3ForCausalLM`. RoPE is given both as transformers 5's
-    `rope_parameters` and as the top-level `rope_theta` that 4.x and llama.cpp's converter read."""
+    `rope_parameters` and as the top-level `rope_theta` that transformers 4.x reads."""
     windows = cfg.layer_windows()
     sliding = any(windows)
     return {
