@@ -7,7 +7,8 @@ The two models compute the same function: pre-norm RMSNorm, per-head RMSNorm on 
 keys before RoPE, RoPE pairing dimension i with i + head_dim/2 (`rotate_half`, the same in
 both), grouped-query attention scaled by head_dim^-0.5, SwiGLU, one eps for every norm.
 Sliding-window layers become `layer_types` (transformers masks keys with q - k < window, as
-candorlm does). Models Qwen3 cannot express are refused (check.py). Import reads safetensors
+candorlm does; checked with transformers 5.24, and a version that ignores `layer_types` would
+not slide). Models Qwen3 cannot express are refused (check.py). Import reads safetensors
 only (never a pickled .bin), and a tokenizer that is not candorlm's is refused, since every
 candorlm stage relies on its special-token ids.
 
