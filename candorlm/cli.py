@@ -128,6 +128,14 @@ def cmd_import(args) -> None:
     print(f"imported {args.src} as a candorlm model directory: {out}")
 
 
+def cmd_quantize(args) -> None:
+    from candorlm.compress.quantize import quantize_model
+
+    out = quantize_model(args.model, args.out, args.method, args.group_size, args.embedding)
+    print(f"quantized {args.model} ({args.method}"
+          + (f", group size {args.group_size or 32}" if args.method == "int4" else "") + f") to {out}")
+
+
 def cmd_run(args) -> None:
     from candorlm import pipeline
     from candorlm.data import curate
@@ -226,6 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src", required=True, help="config.json + safetensors + tokenizer.json")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("quantize", help="a model directory with int8 or int4 weights")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True, help="int8 (per output row) or int4 (per group of inputs)")
+    p.add_argument("--group-size", type=int, default=None, help="int4: 32 (default), 64 or 128 inputs per scale")
+    p.add_argument("--embedding", default="int8", help="the embedding and head: int8 (default) or fp32")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("run", help="every stage, from raw text to a model, into runs/<name>/")
     p.add_argument("--name", default="demo")
