@@ -343,6 +343,9 @@ def test_refusals_name_the_input(trained, micro_tokens, tmp_path, capsys):
                                             str(tmp_path / "o"))
     assert "is quantized" in cli_error(capsys, "prune", "--model", str(q), "--method", "magnitude", "--out",
                                        str(tmp_path / "o"))
+    for fmt, out in (("gguf", "o.gguf"), ("hf", "o")):
+        assert "is quantized (int8)" in cli_error(capsys, "export", "--model", str(q), "--format", fmt, "--out",
+                                                  str(tmp_path / out))
     assert "no config.json" in cli_error(capsys, "quantize", "--model", str(tmp_path / "none"), "--method", "int8",
                                          "--out", str(tmp_path / "o"))
     assert "calibration sequences" in cli_error(capsys, "prune", "--model", str(trained), "--method", "wanda",
