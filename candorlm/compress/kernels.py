@@ -1,18 +1,23 @@
 """Quantized linear and embedding modules: the fused CPU kernels that run them, chosen once when a
 quantized model is built, and the dequantize-then-matmul reference each is tested against.
 
-Why these kernels (batch-1 decode, one (1, in) row times the weight; 1 thread, Zen4
-AVX512-BF16, a shared machine; microseconds, best of 7 rounds, docs/benchmarks.md):
+Why these kernels (one linear layer at batch 1, 1 thread, Zen4 AVX512-BF16, a shared machine;
+microseconds, best of 7 rounds; `python bench/compress.py --kernels`, docs/benchmarks.md):
 
-    (out, in)      fp32 F.linear  bf16 F.linear  int8pack bf16  int8pack fp32  int4pack bf16 g32/g128
-    704 x 256           16.9           41.6           12.2          145.8          12.1 / 11.8
-    8192 x 256         389            319            278           1795           217 / 112
-    2048 x 768         119            313             85           2936          116 / 86
+    (out, in)    fp32   bf16   int8 module  int8 bare  int8 fp32-act  dequant/call  int4 g32 / g128
+    704 x 256    16.1   25.9      23.5        12.3         142.8          31.5        24.1 / 23.8
+    8192 x 256  222.7  178.8     140.7       123.5        1690.3         352.7       136.1 / 130.1
+    2048 x 768  118.9  176.8     135.9        86.7        1328.5         207.3       104.2 / 102.0
+
+("module": this file's Int8Linear, with its bf16 casts, ~11 us a call over the bare kernel at
+these sizes; an nn.Linear call on a (1, 1, in) input costs ~5 us over F.linear too.)
 
 `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu` with bf16 activations are the
 fast ones; with fp32 activations both fall to a scalar path 5-15x slower than a plain fp32
-matmul, and dequantizing inside every call (what torchao 0.18's int8 weight-only linear does
-without torch.compile) measured 1.7-3x slower than fp32. So the kernel follows the machine's
+matmul. Dequantizing inside every call is 1.6-2x slower than fp32; torchao 0.18's int8
+weight-only linear (which does that, eager, leaving the fusion to torch.compile) measured
+2.3-2.9x, and a compiled `F.linear(x, q.to(x.dtype)) * scale` 690 us against the bare kernel's
+178 at 8192 x 256 (2 threads; per-call overhead). So the kernel follows the machine's
 precision: where bf16 is native, the packed kernels ("packed"); elsewhere the weights are
 dequantized once at load and run as fp32 ("dequantized": the disk is smaller, memory and speed
 are fp32's). CUDA is given "dequantized" too (the packed CUDA kernels are untested here).
