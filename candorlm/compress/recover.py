@@ -1,6 +1,7 @@
 """Recovery fine-tune of a pruned model: a short AdamW run over the training shards in which the
-pruned weights stay zero (their gradients are masked, and the mask is applied again after every
-step, so no optimizer arithmetic can revive them).
+pruned weights stay zero: their gradients are masked (so they count neither in the clipping
+norm nor in AdamW's moments) and the mask is applied again after every step, so no optimizer
+arithmetic can revive them.
 
 A plain loop, not the pretraining loop: no checkpoints, no resume, no evaluation, no time
 budget; every parameter trains (the remaining weights, embedding and norms).
