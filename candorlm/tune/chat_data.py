@@ -28,7 +28,10 @@ would attend to each other and see shifted positions, which changes the loss. Ba
 hold one conversation per row, right-padded: under causal attention a token never sees the
 padding after it, so each row's loss is exactly that conversation's loss alone. Padding is
 kept small by grouping rows of similar length (Hugging Face's LengthGroupedSampler: shuffle,
-sort within mega-batches of 50 batches, shuffle the batches).
+sort within mega-batches of 50 batches, shuffle the batches): on the default instruction set
+(23.5k stdlib examples, an 8192-token BPE, batches of 32) padding is 1.3% of the tokens at
+seq_len 256 (2.5% at 512), against 42% (59%) in random order and 45% (65%) padded to seq_len.
+Packing would save at most that 1.3%.
 """
 
 from __future__ import annotations
