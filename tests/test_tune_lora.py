@@ -23,8 +23,6 @@ from candorlm.tune.lora import (
     save_merged,
 )
 
-pytest.importorskip("peft")
-
 
 def micro_model(*extra) -> Transformer:
     torch.manual_seed(0)
