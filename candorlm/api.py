@@ -53,23 +53,42 @@ class LoadedModel:
                heal: bool = True, repetition_penalty=None):
         """Yield the completion as text pieces; bytes of a character split across tokens are
         held back until the character is whole. heal: token healing (see `_healing`)."""
-        g = self.generation_config
         ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
         allowed, skip = None, b""
         if heal:
             ids, allowed, skip = self._healing(ids)
+        tokens = generate_ids(self.model, ids, seed=seed, stop_ids=self.stop_ids, first_allowed=allowed,
+                              **self.sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty))
+        yield from self._text(tokens, skip)
+
+    def stream_ids(self, ids: list[int], max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,
+                   repetition_penalty=None, stop_ids: set[int] | None = None):
+        """`stream` from token ids as they are, without healing: for a chat rendered with
+        `tokenizer.render_chat(messages, add_generation_prompt=True)`, the answer, which ends
+        at the end-of-turn token. stop_ids: default `self.stop_ids` (<|bos|>, <|end|>)."""
+        tokens = generate_ids(self.model, ids, seed=seed, stop_ids=self.stop_ids if stop_ids is None else stop_ids,
+                              **self.sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty))
+        yield from self._text(tokens, b"")
+
+    def sampling(self, max_new_tokens=None, temperature=None, top_k=None, top_p=None, repetition_penalty=None) -> dict:
+        """generate_ids' sampling settings; those left None take the model directory's generation_config.json."""
+        g = self.generation_config
+        return {
+            "max_new_tokens": g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens,
+            "temperature": g.get("temperature", 0.8) if temperature is None else temperature,
+            "top_k": g.get("top_k", 0) if top_k is None else top_k,
+            "top_p": g.get("top_p", 1.0) if top_p is None else top_p,
+            "repetition_penalty": g.get("repetition_penalty", 1.0) if repetition_penalty is None
+            else repetition_penalty,
+        }
+
+    def _text(self, tokens, skip: bytes):
+        """Token ids to text pieces, holding back the bytes of a split character; `skip`: the
+        healed prompt bytes, which are the prompt's, not the completion's."""
         pending = b""
-        for tok in generate_ids(
-            self.model, ids,
-            max_new_tokens=g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens,
-            temperature=g.get("temperature", 0.8) if temperature is None else temperature,
-            top_k=g.get("top_k", 0) if top_k is None else top_k,
-            top_p=g.get("top_p", 1.0) if top_p is None else top_p,
-            repetition_penalty=g.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
-            seed=seed, stop_ids=self.stop_ids, first_allowed=allowed,
-        ):
+        for tok in tokens:
             pending += self.tokenizer.id_to_bytes(tok)
-            if skip:  # the healed prompt bytes are the prompt's, not the completion's
+            if skip:
                 pending, skip = pending[len(skip):], b""
             try:
                 text = pending.decode("utf-8")

@@ -93,6 +93,13 @@ def cmd_generate(args) -> None:
     sys.stdout.write("\n")
 
 
+def cmd_chat(args) -> None:
+    from candorlm.tune.chat import run_chat
+
+    run_chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+
+
 def cmd_eval(args) -> None:
     from candorlm.data.shards import open_split
     from candorlm.model.io import load_model
@@ -207,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 1 makes tokens already in the context less likely (1: off)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk with a model in the terminal (/help lists the commands)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--system", default=None, help="the system prompt (/system TEXT changes it)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: generation_config.json)")
+    p.add_argument("--temperature", type=float, default=None, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=None, help="0: off")
+    p.add_argument("--top-p", type=float, default=None, help="1: off")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 makes tokens already in the context less likely (1: off)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="validation bits-per-byte of a model on a token directory")
     p.add_argument("--model", required=True)

@@ -77,6 +77,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def with_chat_template(tokenizer_config: dict) -> dict:
+    """A copy of a `transformers` tokenizer_config.json dict with `CHAT_TEMPLATE` and the
+    special tokens it relies on (bos opens a chat, eos is `<|end|>`, the turn end a chat model
+    stops on), for every writer of a tokenizer_config (`Tokenizer.save`, exports)."""
+    return {**tokenizer_config, "chat_template": CHAT_TEMPLATE, "bos_token": "<|bos|>", "eos_token": "<|end|>",
+            "pad_token": "<|pad|>"}
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte→character map used by byte-level BPE (printable bytes map to themselves,
     the rest to U+0100 onwards). `tokenizers` applies it internally but does not expose it,
@@ -168,18 +176,14 @@ class Tokenizer:
         """Write tokenizer.json and a tokenizer_config.json for `transformers` (atomically each)."""
         d = Path(directory)
         atomic_write_text(d / "tokenizer.json", self._json)
-        atomic_write_json(d / "tokenizer_config.json", {
+        atomic_write_json(d / "tokenizer_config.json", with_chat_template({
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|bos|>",
-            "eos_token": "<|end|>",
-            "pad_token": "<|pad|>",
             "add_bos_token": False,
             "add_eos_token": False,
             # transformers' cleanup removes spaces before punctuation: decoding would not be lossless.
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
-            "chat_template": CHAT_TEMPLATE,
-        })
+        }))
 
     # --- encoding and decoding
 
