@@ -45,7 +45,8 @@ def add_section_flags(p: argparse.ArgumentParser, cls, title: str, description: 
         if f.kind is bool:
             g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.kind is list:
-            g.add_argument(flag, dest=key, action="append", default=None, metavar="VALUE", help=help_text + "; repeatable")
+            g.add_argument(flag, dest=key, action="append", default=None, metavar="VALUE",
+                           help=help_text + "; repeatable")
         else:
             g.add_argument(flag, dest=key, default=None, choices=f.choices or None,
                            metavar=None if f.choices else name.upper(), help=help_text)

@@ -48,7 +48,8 @@ class ModelConfig(Section):
                f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
         yield (set(self.window_pattern) <= {"S", "L"},
                f"model.window_pattern={self.window_pattern!r} may only contain S (sliding) and L (full), e.g. SSSL")
-        yield (self.pos_encoding != "rope" or self.head_dim % 2 == 0, f"rope needs an even head_dim, got {self.head_dim}")
+        yield (self.pos_encoding != "rope" or self.head_dim % 2 == 0,
+               f"rope needs an even head_dim, got {self.head_dim}")
 
     def resolved(self) -> "ModelConfig":
         """A checked copy with the derived fields (head_dim, d_ff) filled in."""
@@ -145,7 +146,8 @@ class GenerationConfig(Section):
         """A checked copy with each setting given (not None) replacing this config's."""
         unknown = sorted(set(settings) - set(hints(GenerationConfig)))
         if unknown:
-            raise CandorError(f"unknown generation settings {unknown}: accepted are {', '.join(hints(GenerationConfig))}")
+            raise CandorError(f"unknown generation settings {unknown}: "
+                              f"accepted are {', '.join(hints(GenerationConfig))}")
         return dataclasses.replace(self, **{k: v for k, v in settings.items() if v is not None}).check()
 
     @classmethod

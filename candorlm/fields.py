@@ -2,10 +2,10 @@
 
 A field's type hint says what it accepts: `Literal[...]` lists its choices, `Annotated[int, ">= 1"]`
 (or `"> 0"`, `"[0, 1)"`, `"(0, 1]"`, each optionally followed by a note in parentheses) gives its
-range, `X | None` lets it be unset; `Annotated[X, "(note)"]` only explains it. `Section.check()` validates every field from those hints, then
-the section's own `rules()` (relations between fields); `parse()` turns a `--set` string into the
-field's type. Errors name `section.field`, the value and what is accepted. This module holds no
-settings; candorlm/config.py does.
+range, `X | None` lets it be unset; `Annotated[X, "(note)"]` only explains it. `Section.check()`
+validates every field from those hints, then the section's own `rules()` (relations between
+fields); `parse()` turns a `--set` string into the field's type. Errors name `section.field`, the
+value and what is accepted. This module holds no settings; candorlm/config.py does.
 """
 
 import dataclasses

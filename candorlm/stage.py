@@ -31,7 +31,8 @@ def recorded(stage_dir: str | Path, record: str = RECORD) -> str | None:
     return fp if isinstance(fp, str) else None
 
 
-def is_current(stage_dir: str | Path, fp: str, required: tuple[str, ...] | list[str] = (), record: str = RECORD) -> bool:
+def is_current(stage_dir: str | Path, fp: str, required: tuple[str, ...] | list[str] = (),
+               record: str = RECORD) -> bool:
     """True when stage_dir/record holds `fp` and every required output exists."""
     d = Path(stage_dir)
     return recorded(d, record) == fp and all((d / r).exists() for r in required)

@@ -485,7 +485,8 @@ def test_text_sanity_removes_broken_text_only():
     f = TextSanityFilter()
     rng = random.Random(13)
     # what the web filters remove and this one keeps: short, list-like, repetitive, code
-    for text in ("42\n", "Yow!\n", "- one\n- two\n", "na " * 300, code(rng), "Caf\u00e9 cr\u00e8me, na\u00efve \u00c5ngstr\u00f6m.\n"):
+    for text in ("42\n", "Yow!\n", "- one\n- two\n", "na " * 300, code(rng),
+                 "Caf\u00e9 cr\u00e8me, na\u00efve \u00c5ngstr\u00f6m.\n"):
         assert f.filter(Document(text=text, id="x")) is True, text[:40]
     broken = {
         "near_empty": "-\n",

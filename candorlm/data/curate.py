@@ -328,7 +328,8 @@ def curate(source: str, out_dir: str, cfg: CurateConfig | None = None, workers: 
 
     phases = _phase_pipelines(cfg, src, work, tasks)
     # the config as stats.json reports it; workers are left out: they never change the output
-    fin_args = dict(out=out, work=work, cfg_dict={k: v for k, v in cfg.to_dict().items() if k != "workers"}, source={"spec": source, "kind": src.kind,
+    reported = {k: v for k, v in cfg.to_dict().items() if k != "workers"}
+    fin_args = dict(out=out, work=work, cfg_dict=reported, source={"spec": source, "kind": src.kind,
                     "path": src.path, "inputs": len(units), "mb": round(total_mb, 3)},
                     fingerprint=fp, tasks=tasks, workers=workers, executor=executor,
                     eval_sets={k: len(v) for k, v in sets.items()}, preset={"name": cfg.preset, "why": why})
