@@ -98,7 +98,7 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
                  "--repetition-penalty", "1.5")
     assert pen.stdout == m.generate("def ", max_new_tokens=8, temperature=0, repetition_penalty=1.5) + "\n"
     bad = candor("generate", "--model", str(run / "base"), "hi", "--repetition-penalty", "0")
-    assert bad.returncode == 2 and "repetition_penalty=0.0 (a number > 0; 1 is off)" in bad.stderr, bad.stderr
+    assert bad.returncode == 2 and "generation.repetition_penalty=0.0 must be > 0 (1: off)" in bad.stderr, bad.stderr
 
     weights = (run / "base" / "model.safetensors").read_bytes()
     r2 = candor(*args)

@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from candorlm.config import ModelConfig, model_config_from_dict
+from candorlm.config import GenerationConfig, ModelConfig, model_config_from_dict
 from candorlm.errors import CandorError
 from candorlm.fileio import atomic_write_json
 from candorlm.model.transformer import Transformer
@@ -47,9 +47,8 @@ def write_model_files(d: Path, model: Transformer, tokenizer_dir: str | Path | N
             src = Path(tokenizer_dir) / name
             if src.is_file() and src.resolve() != (d / name).resolve():
                 shutil.copyfile(src, d / name)
-    gen = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0, "max_new_tokens": 128}
-    gen.update(generation or {})
-    atomic_write_json(d / "generation_config.json", gen)
+    gen = GenerationConfig().updated(**(generation or {}))
+    atomic_write_json(d / "generation_config.json", dataclasses.asdict(gen))
 
 
 # Two-phase commit of a set of files into a directory. A checkpoint is several files that
@@ -100,6 +99,24 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         return model_config_from_dict(data["model"])
     except (ValueError, KeyError, TypeError) as e:
         raise CandorError(f"{p} is not a valid candorlm config.json ({e})") from None
+
+
+def read_generation_config(model_dir: str | Path) -> GenerationConfig:
+    """The model directory's sampling defaults (GenerationConfig's where it has no file, or the
+    file leaves a setting out)."""
+    p = Path(model_dir) / "generation_config.json"
+    if not p.is_file():
+        return GenerationConfig()
+    try:
+        d = json.loads(p.read_text())
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:
+        raise CandorError(f"{p} is not a valid generation_config.json ({e})") from None
+    try:
+        return GenerationConfig.from_dict(d)
+    except CandorError as e:
+        raise CandorError(f"{p}: {e}") from None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

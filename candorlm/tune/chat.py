@@ -38,19 +38,17 @@ class Chat:
     no terminal here (`run_chat` is the terminal)."""
 
     def __init__(self, model, system: str | None = None, max_new_tokens: int | None = None, **sampling):
-        from candorlm.generation import check_sampling
-
-        seed = sampling.pop("seed", None)
-        settings = model.sampling(max_new_tokens, **sampling)  # temperature, top_k, top_p, repetition_penalty
-        check_sampling(**settings)
-        if settings["max_new_tokens"] < 1:
-            raise CandorError(f"max_new_tokens={settings['max_new_tokens']} must be >= 1 for a chat")
+        settings = model.sampling(max_new_tokens=max_new_tokens, heal=False, **sampling)  # checked
+        if settings.max_new_tokens < 1:
+            raise CandorError(f"max_new_tokens={settings.max_new_tokens} must be >= 1 for a chat")
         self.model = model
         self.max_len = model.config.max_seq_len
-        self.max_new_tokens = settings.pop("max_new_tokens")
+        self.max_new_tokens = settings.max_new_tokens
         # An answer ends at <|end|>; any other special token (a role token, <|bos|>, <|pad|>)
         # cannot be part of one either, and would otherwise be printed as its literal.
-        self.sampling = {**settings, "seed": seed, "stop_ids": set(model.tokenizer.special_ids.values())}
+        self.sampling = {"temperature": settings.temperature, "top_k": settings.top_k, "top_p": settings.top_p,
+                         "repetition_penalty": settings.repetition_penalty, "seed": settings.seed,
+                         "stop_ids": set(model.tokenizer.special_ids.values())}
         self.system = None
         self.turns: list[dict] = []  # every user and assistant message, oldest first
         self.first = 0  # turns[first:] are in the context
