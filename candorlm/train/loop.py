@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from candorlm.config import RunConfig, describe
-from candorlm.data.loader import TrainBatches, check_eval_split, eval_windows
-from candorlm.data.shards import check_tokenizer, load_meta, open_split
+from candorlm.data.loader import TrainBatches, check_eval_split
+from candorlm.data.shards import load_meta, open_split
 from candorlm.errors import CandorError
+from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
 from candorlm.model.transformer import Transformer
 from candorlm.train import checkpoint as ckpt
 from candorlm.train import dist_checkpoint
@@ -29,39 +30,6 @@ from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator, mat
 from candorlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 CALIBRATION_STEPS = 6  # steps timed before a time budget fixes max_steps
-
-
-def token_bytes_for(tokenizer_dir, tokens_dir=None) -> torch.Tensor:
-    """The tokenizer's token -> byte-length table; with tokens_dir, after checking that those
-    shards were made with this tokenizer."""
-    from candorlm.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(tokenizer_dir)
-    if tokens_dir is not None:
-        check_tokenizer(load_meta(tokens_dir), tok, tokens_dir, tokenizer_dir)
-    return torch.as_tensor(np.asarray(tok.token_bytes(), dtype=np.int64))
-
-
-@torch.no_grad()
-def evaluate_bpb(model, tokens: np.ndarray, token_bytes: torch.Tensor, seq_len: int, max_tokens: int,
-                 batch_size: int, amp_dtype=None, device="cpu") -> dict:
-    """Bits per byte on fixed validation windows: summed cross-entropy (nats) over target
-    tokens / ln 2 / the UTF-8 bytes those tokens stand for. Special tokens (0 bytes) are left
-    out of both sums, so the figure is comparable across tokenizers (nanochat's convention)."""
-    was_training = model.training
-    model.eval()
-    nats, nbytes, ntok = 0.0, 0, 0
-    for x, y in eval_windows(tokens, seq_len, max_tokens, batch_size):
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.split(":")[0], dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = model(x, y, reduction="none").float()
-        b = token_bytes.to(device)[y]
-        keep = b > 0
-        nats += loss[keep].sum().item()
-        nbytes += int(b.sum().item())
-        ntok += int(keep.sum().item())
-    model.train(was_training)
-    return {"val_bpb": nats / math.log(2) / max(1, nbytes), "val_loss": nats / max(1, ntok), "val_tokens": ntok}
 
 
 class _Interrupt:
