@@ -74,17 +74,18 @@ def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, mic
 
 
 def test_time_budget_refits_and_keeps_the_schedule(micro_tokens, micro_tokenizer, tmp_path):
-    from candorlm.train.loop import _refit_step, _steps_for_budget
+    from candorlm.train.budget import TimeBudget
     from conftest import micro_config as mc
 
     t = mc(("train.max_steps", "100000"), ("train.eval_every", "0")).train
     # 0.1 s steps, 6 done in 1 s of a 31 s budget (one final eval of 2048 tokens, 2 s for the save)
-    assert _steps_for_budget(31.0, 0.1, t, 256, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 2 - 2) / 0.1)
-    assert _steps_for_budget(1.0, 0.1, t, 256, 5.0, 6) == 9  # over budget: no shorter than the stable phase
-    assert _steps_for_budget(1000.0, 0.1, mc(("train.max_steps", "50")).train, 256, 1.0, 6) == 50  # the cap
+    assert TimeBudget(31.0, t, 256).length(0.1, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 2 - 2) / 0.1)
+    assert TimeBudget(1.0, t, 256).length(0.1, 5.0, 6) == 9  # over budget: no shorter than the stable phase
+    assert TimeBudget(1000.0, mc(("train.max_steps", "50")).train, 256).length(0.1, 1.0, 6) == 50  # the cap
     # a quarter, then half of the way; not at or past the decay's start (70% of the way here)
-    assert _refit_step(6, 400, t) == 100 and _refit_step(100, 400, t) == 200 and _refit_step(200, 400, t) is None
-    assert _refit_step(70, 304, t) == 152 and _refit_step(6, 3, t) is None  # an eighth of the run apart at least
+    refit = TimeBudget(31.0, t, 256).refit_step
+    assert refit(6, 400) == 100 and refit(100, 400) == 200 and refit(200, 400) is None
+    assert refit(70, 304) == 152 and refit(6, 3) is None  # an eighth of the run apart at least
 
     cfg = micro_config(("train.time_budget_s", "6"), ("train.max_steps", "100000"), ("train.eval_every", "0"))
     res = pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
