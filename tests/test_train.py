@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from candorlm.errors import CandorError
 from candorlm.train.loop import pretrain
 from conftest import micro_config
+from helpers import assert_resumed, processes, read_log
 
 
 def weights(d):
@@ -32,7 +33,7 @@ def assert_same_weights(a, b):
 def test_loss_falls_and_model_dir_is_complete(micro_tokens, micro_tokenizer, tmp_path, optimizer):
     cfg = micro_config(("train.optimizer", optimizer), ("train.max_steps", "30"), ("train.eval_every", "0"))
     r = pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
-    log = [json.loads(l) for l in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path / "m")
     losses = [e["loss"] for e in log if "loss" in e]
     assert losses[-1] < losses[0] - 0.5  # from ln(512) = 6.24 (uniform) to ~5.4 in 30 micro steps
     assert 0 < r["val_bpb"] < 8
@@ -41,31 +42,58 @@ def test_loss_falls_and_model_dir_is_complete(micro_tokens, micro_tokenizer, tmp
 
 
 def test_resume_is_exact(micro_tokens, micro_tokenizer, tmp_path):
-    cfg = micro_config
+    def cfg():
+        return micro_config(("train.log_every", "1"))
+
     full = pretrain(micro_tokens, micro_tokenizer, tmp_path / "full", cfg(), quiet=True)
     part = pretrain(micro_tokens, micro_tokenizer, tmp_path / "part", cfg(), quiet=True, stop_at_step=5)
     assert part == {"interrupted": True, "step": 5}
     res = pretrain(micro_tokens, micro_tokenizer, tmp_path / "part", cfg(), quiet=True, resume=True)
     assert res["step"] == full["step"] == 12
+    assert_resumed(tmp_path / "part", 5, 12)  # not steps 1-12 again, which would end with the same weights
     assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert res["val_bpb"] == full["val_bpb"]
 
 
+def test_resume_loads_the_saved_states(micro_tokens, micro_tokenizer, tmp_path):
+    """After set_up, every optimizer state tensor (Muon's momentum buffers, AdamW's moments
+    and step counts) and every weight is the checkpoint's, bit for bit."""
+    from candorlm.train.loop import set_up
+
+    out = tmp_path / "m"
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=5)
+    saved = torch.load(out / "train_state" / "optimizer.pt", weights_only=True)["optimizers"]
+    run = set_up(micro_tokens, micro_tokenizer, out, micro_config(), resume=True, quiet=True)
+    assert run.state["step"] == 5 and len(run.optimizers) == 2  # Muon, AdamW
+    for opt, want in zip(run.optimizers, saved, strict=True):
+        got = opt.state_dict()["state"]
+        assert got and got.keys() == want["state"].keys()
+        for i, tensors in want["state"].items():
+            assert got[i].keys() == tensors.keys()
+            for k, v in tensors.items():
+                assert torch.equal(got[i][k], v), (i, k)
+    model = run.model.state_dict()
+    assert all(torch.equal(model[k], v) for k, v in weights(out).items())
+
+
 def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, micro_tokenizer, tmp_path):
     out = tmp_path / "m"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=4)
+    every = ("train.log_every", "1")
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(every), quiet=True, stop_at_step=4)
     before = weights(out)
     for change in (("model.d_model", "32"), ("train.optimizer", "adamw")):
         with pytest.raises(CandorError, match=change[0].replace(".", r"\.") + ".*checkpoint"):
             pretrain(micro_tokens, micro_tokenizer, out, micro_config(change), quiet=True, resume=True)
     assert all(torch.equal(before[k], v) for k, v in weights(out).items())  # refused before anything was written
-    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "16"), ("train.batch_size", "3")),
+    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(every, ("train.max_steps", "16"), ("train.batch_size", "3")),
                    quiet=True, resume=True)
     assert res["step"] == 16  # the new length, not the checkpoint's 12
+    assert_resumed(out, 4, 16)
     # a longer context: no new weights under RoPE, so it trains on; learned positions would need them
     longer = (("train.max_steps", "18"), ("train.seq_len", "128"), ("model.max_seq_len", "128"))
-    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(*longer), quiet=True, resume=True)
+    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(every, *longer), quiet=True, resume=True)
     assert res["step"] == 18 and json.loads((out / "config.json").read_text())["model"]["max_seq_len"] == 128
+    assert_resumed(out, 16, 18)
     learned = tmp_path / "learned"
     pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned")), quiet=True, stop_at_step=2)
     with pytest.raises(CandorError, match="model.max_seq_len=128"):
@@ -89,7 +117,7 @@ def test_time_budget_refits_and_keeps_the_schedule(micro_tokens, micro_tokenizer
 
     cfg = micro_config(("train.time_budget_s", "6"), ("train.max_steps", "100000"), ("train.eval_every", "0"))
     res = pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
-    log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path / "m")
     fits = [r for r in log if r.get("event") == "budget"]
     assert [r["step"] for r in fits] == [6, fits[0]["max_steps"] // 4, fits[1]["max_steps"] // 4 * 2]
     assert res["step"] == fits[-1]["max_steps"] < 100000
@@ -97,6 +125,22 @@ def test_time_budget_refits_and_keeps_the_schedule(micro_tokens, micro_tokenizer
     assert lrs == sorted(lrs, reverse=True)  # refitting never moved the schedule back up
     last = res["step"] - int(res["step"] * (1 - cfg.train.decay_frac))
     assert lrs[-1] == pytest.approx(1 / last)  # the final step is the decay's last
+
+
+def test_resume_of_a_compiled_run_on_a_time_budget_keeps_the_fitted_length(micro_tokens, micro_tokenizer, tmp_path):
+    """The default preset's path: compiled, on a time budget. The budget fits the length after
+    6 steps; a resume does not fit again (the time spent before is not known to it) but trains
+    to the saved length, as README says."""
+    out = tmp_path / "m"
+    sets = (("train.compile", "true"), ("train.time_budget_s", "3"), ("train.max_steps", "100000"),
+            ("train.eval_every", "0"), ("train.log_every", "1"))
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(*sets), quiet=True, stop_at_step=7)
+    fitted = json.loads((out / "train_state" / "state.json").read_text())["max_steps"]
+    assert 9 <= fitted < 100000  # 9: no shorter than the stable phase (compiling alone outlasts 3 s)
+    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(*sets), quiet=True, resume=True)
+    assert res["step"] == fitted
+    assert_resumed(out, 7, fitted)
+    assert [(r["step"], r["max_steps"]) for r in read_log(out) if r.get("event") == "budget"] == [(6, fitted)]
 
 
 def _cli(*args, **kw):
@@ -115,12 +159,12 @@ def _set_args(cfg_pairs):
 def test_ctrl_c_then_resume_equals_uninterrupted(micro_tokens, micro_tokenizer, tmp_path):
     from conftest import MICRO
 
-    sets = _set_args(MICRO + [("train.max_steps", "60"), ("train.eval_every", "0"), ("train.log_every", "2")])
+    sets = _set_args(MICRO + [("train.max_steps", "60"), ("train.eval_every", "0"), ("train.log_every", "1")])
     common = ["pretrain", "--data", str(micro_tokens), "--tokenizer", str(micro_tokenizer)]
     p = _cli(*common, "--out", str(tmp_path / "a"), *sets)
     log = tmp_path / "a" / "log.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+    while time.time() < deadline and p.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -130,6 +174,9 @@ def test_ctrl_c_then_resume_equals_uninterrupted(micro_tokens, micro_tokenizer, 
     p = _cli(*common, "--out", str(tmp_path / "a"), "--resume", *sets)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
+    assert_resumed(tmp_path / "a", state["step"], 60)
+    first, resumed = processes(tmp_path / "a")
+    assert first["steps"] == list(range(1, state["step"] + 1)) and resumed["start"]["pid"] == p.pid != first["start"]["pid"]
     p = _cli(*common, "--out", str(tmp_path / "b"), *sets)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
@@ -141,7 +188,10 @@ def test_failed_checkpoint_write_leaves_previous_loadable(micro_tokens, micro_to
     from candorlm.api import load
 
     out = tmp_path / "m"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=4)
+    def cfg():
+        return micro_config(("train.log_every", "1"))
+
+    pretrain(micro_tokens, micro_tokenizer, out, cfg(), quiet=True, stop_at_step=4)
     before = weights(out)
     real = mio.save_file
 
@@ -152,14 +202,16 @@ def test_failed_checkpoint_write_leaves_previous_loadable(micro_tokens, micro_to
 
     monkeypatch.setattr(mio, "save_file", crash)
     with pytest.raises(OSError):
-        pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, resume=True, stop_at_step=8)
+        pretrain(micro_tokens, micro_tokenizer, out, cfg(), quiet=True, resume=True, stop_at_step=8)
     monkeypatch.setattr(mio, "save_file", real)
     after = weights(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
     load(out).generate("def ", max_new_tokens=4, temperature=0)
-    r = pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, resume=True)
+    r = pretrain(micro_tokens, micro_tokenizer, out, cfg(), quiet=True, resume=True)
     assert r["step"] == 12
+    assert_resumed(out, 4, 12)  # from the checkpoint at 4, not from the failed one's steps 5-8
+    assert [s["step"] for p in processes(out) for s in p["saves"]] == [4, 12]  # the failed write is not logged
 
 
 def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, micro_tokenizer, tmp_path):
@@ -173,8 +225,8 @@ def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, 
         p = _cli("pretrain", "--data", str(micro_tokens), "--tokenizer", str(micro_tokenizer), "--out", str(out), *sets)
         log = out / "log.jsonl"
         deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None and not log.is_file():
-            time.sleep(0.01)
+        while time.time() < deadline and p.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+            time.sleep(0.01)  # the start record, then step 1's, right before its checkpoint
         time.sleep(delay)
         p.kill()
         p.communicate()

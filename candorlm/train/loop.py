@@ -68,7 +68,9 @@ class Run:
 
 def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = False, quiet: bool = False) -> Run:
     """Check the inputs, build the model on this run's device, resume it from out_dir's
-    checkpoint (weights, optimizer states, RNG, step) and wrap it for train.parallel."""
+    checkpoint (weights, optimizer states, RNG, step), wrap it for train.parallel, and log a
+    `start` record: the step it starts after, whether resumed, this process's pid and the
+    optimizer states' norm (dist_checkpoint.optimizer_state_norm; 0 for a fresh run)."""
     out_dir = Path(out_dir)
     dist = parallel.init_distributed()
     device = dist.device
@@ -130,6 +132,9 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and dist.rank == 0:
         (out_dir / "log.jsonl").unlink(missing_ok=True)  # a log left by a run that never saved: this run's log starts fresh
+    run.write_log({"event": "start", "step": state["step"], "max_steps": state["max_steps"], "resumed": resume,
+                   "pid": os.getpid(), "world_size": dist.world_size,
+                   "optimizer_norm": dist_checkpoint.optimizer_state_norm(optimizers)})
     return run
 
 
@@ -172,7 +177,7 @@ def maybe_eval(run: Run, step: int) -> None:
 
 
 def save(run: Run) -> None:
-    """A checkpoint of the run as it is now (every rank calls it)."""
+    """A checkpoint of the run as it is now (every rank calls it), then a `save` record."""
     model, dist = run.model, run.dist
     sd, opt_states = dist_checkpoint.consolidated_states(model, dist)
     staged = dist_checkpoint.stage_sharded_states(run.out_dir, model, run.optimizers, dist)
@@ -180,6 +185,8 @@ def save(run: Run) -> None:
         ckpt.save_checkpoint(run.out_dir, model, run.tokenizer_dir, run.optimizers, run.state, run.cfg.to_dict(),
                              state_dict=sd, optim_states=opt_states, staged=staged)
     parallel.barrier(dist)
+    run.write_log({"event": "save", "step": run.state["step"],
+                   "optimizer_norm": dist_checkpoint.optimizer_state_norm(run.optimizers)})
 
 
 def maybe_save(run: Run, stop: bool, loss_sum: torch.Tensor) -> None:
