@@ -38,4 +38,4 @@ def assert_resumed(out: Path, at: int, end: int) -> None:
     saved = [s for p in before for s in p["saves"] if s["step"] == at]
     assert saved and saved[-1]["optimizer_norm"] > 0, f"no checkpoint with optimizer states saved at step {at}"
     assert start["optimizer_norm"] == pytest.approx(saved[-1]["optimizer_norm"], rel=1e-6), \
-        "the resumed optimizer states are not the saved ones"
+        f"the resumed optimizer states (norm {start['optimizer_norm']}) are not the saved ones ({saved[-1]})"
