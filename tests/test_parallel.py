@@ -67,6 +67,11 @@ def grad_norms(out: Path) -> dict[int, float]:
     return {e["step"]: e["grad_norm"] for e in read_log(out) if "loss" in e}
 
 
+def saved_optimizer_norm(out: Path) -> float:
+    """The optimizer states' norm the last checkpoint logged: what a resume compares with."""
+    return [e for e in read_log(out) if e.get("event") == "save"][-1]["optimizer_norm"]
+
+
 def assert_close(a: dict, b: dict, tol=TOL):
     assert a.keys() == b.keys(), (a, b)
     bad = {k: (a[k], b[k]) for k in a if abs(a[k] - b[k]) > tol * max(1.0, abs(b[k]))}
@@ -147,6 +152,7 @@ def test_fsdp_equals_one_process(fsdp_run, ref):
     assert_close(losses(fsdp_run), losses(ref))
     assert_close(grad_norms(fsdp_run), grad_norms(ref))
     assert_weights_close(fsdp_run, ref)
+    assert saved_optimizer_norm(fsdp_run) == pytest.approx(saved_optimizer_norm(ref), rel=TOL)  # whole, not one shard's
     assert (fsdp_run / "train_state" / "dcp" / ".metadata").is_file()
     assert not (fsdp_run / ".staging").exists()
 
@@ -174,6 +180,8 @@ def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_p
     assert_close(losses(out), losses(ref), tol=tol)
     assert_close(grad_norms(out), grad_norms(ref), tol=tol)
     assert_weights_close(out, ref, tol=max(tol, 1e-4))
+    # sharded and replicated states each counted once
+    assert saved_optimizer_norm(out) == pytest.approx(saved_optimizer_norm(ref), rel=max(tol, 1e-4))
 
 
 def test_two_rank_checkpoint_resumes_on_two_and_on_one(micro_tokens, micro_tokenizer, tmp_path, fsdp_run, ref):
