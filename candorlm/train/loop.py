@@ -94,22 +94,7 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     state = {"step": 0, "max_steps": tcfg.max_steps, "tokens_seen": 0, "elapsed_s": 0.0}
     payload = None
     if resume:
-        from safetensors.torch import load_file
-
-        if dist.enabled:  # finish or drop a half-done commit once, before every rank reads
-            if dist.rank == 0:
-                ckpt.has_checkpoint(out_dir)
-            parallel.barrier(dist)
-
-        state, payload = ckpt.load_train_state(out_dir)
-        changes = ckpt.resume_changes(ckpt.load_run_config(out_dir), cfg.to_dict())
-        model.load_state_dict(load_file(str(out_dir / "model.safetensors")), strict=not mcfg.tie_embeddings)
-        if "train.max_steps" in changes:  # asked for another length: the schedule follows it
-            state["max_steps"] = tcfg.max_steps
-        say(f"resuming {out_dir} at step {state['step']} of {state['max_steps']}")
-        if changes:
-            say("changed since the checkpoint (the run will not match an uninterrupted one): "
-                + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+        state, payload = _load_checkpoint(out_dir, model, cfg, dist, say)
     # FSDP/TP shard `model` in place and return it; DDP and compile return a wrapper around it.
     train_model = parallel.parallelize(model, tcfg, dist)  # also activation checkpointing and compile
     optimizers = parallel.adapt_optimizers(build_optimizers(model, tcfg), model)  # sharded: Muon on whole matrices
@@ -136,6 +121,28 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
                    "pid": os.getpid(), "world_size": dist.world_size,
                    "optimizer_norm": dist_checkpoint.optimizer_state_norm(optimizers)})
     return run
+
+
+def _load_checkpoint(out_dir: Path, model: Transformer, cfg: RunConfig, dist, say) -> tuple[dict, dict]:
+    """Loads the checkpoint's weights into `model` (before any wrapping) after refusing a
+    changed model or optimizer; returns its state (with a changed train.max_steps, if asked
+    for) and the payload of optimizer states and RNG, which load once the optimizers exist."""
+    from safetensors.torch import load_file
+
+    if dist.enabled:  # finish or drop a half-done commit once, before every rank reads
+        if dist.rank == 0:
+            ckpt.has_checkpoint(out_dir)
+        parallel.barrier(dist)
+    state, payload = ckpt.load_train_state(out_dir)
+    changes = ckpt.resume_changes(ckpt.load_run_config(out_dir), cfg.to_dict())
+    model.load_state_dict(load_file(str(out_dir / "model.safetensors")), strict=not cfg.model.tie_embeddings)
+    if "train.max_steps" in changes:  # asked for another length: the schedule follows it
+        state["max_steps"] = cfg.train.max_steps
+    say(f"resuming {out_dir} at step {state['step']} of {state['max_steps']}")
+    if changes:
+        say("changed since the checkpoint (the run will not match an uninterrupted one): "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    return state, payload
 
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
