@@ -1,6 +1,7 @@
 """Pretraining: loss falls, resume is exact (bit for bit), checkpoints are atomic."""
 
 import json
+import math
 import os
 import platform
 import signal
@@ -235,6 +236,24 @@ def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, 
         assert m.generate("x", max_new_tokens=2, temperature=0) is not None
         state = json.loads((out / "train_state" / "state.json").read_text())
         assert state["step"] >= 1
+
+
+def test_a_nan_loss_stops_the_run_before_it_is_saved(micro_tokens, micro_tokenizer, tmp_path, monkeypatch):
+    """The loss is read back only at log steps (1, 11 here) and at saves (every 4): a NaN from
+    step 6 on must stop the run at the save of step 8, leaving step 4's checkpoint."""
+    import candorlm.train.loop as loop
+
+    real = loop.train_step
+
+    def diverging(run, step):
+        loss_sum, gnorm = real(run, step)
+        return (loss_sum * math.nan if step >= 5 else loss_sum), gnorm
+
+    monkeypatch.setattr(loop, "train_step", diverging)
+    out = tmp_path / "m"
+    with pytest.raises(CandorError, match="loss became NaN at step 8"):
+        pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.save_every", "4")), quiet=True)
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
 
 
 def test_resume_without_checkpoint_is_a_clear_error(micro_tokens, micro_tokenizer, tmp_path):
