@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import MICRO  # noqa: E402
+from helpers import assert_resumed, read_log  # noqa: E402
 
 RANKS = 2
 B = 4  # per-rank batch (MICRO's)
@@ -58,16 +59,17 @@ def _pairs(*extra):
     return SETS + list(extra)
 
 
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
 def losses(out: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in _log(out) if "loss" in e}
+    return {e["step"]: e["loss"] for e in read_log(out) if "loss" in e}
 
 
 def grad_norms(out: Path) -> dict[int, float]:
-    return {e["step"]: e["grad_norm"] for e in _log(out) if "loss" in e}
+    return {e["step"]: e["grad_norm"] for e in read_log(out) if "loss" in e}
+
+
+def saved_optimizer_norm(out: Path) -> float:
+    """The optimizer states' norm the last checkpoint logged: what a resume compares with."""
+    return [e for e in read_log(out) if e.get("event") == "save"][-1]["optimizer_norm"]
 
 
 def assert_close(a: dict, b: dict, tol=TOL):
@@ -143,13 +145,14 @@ def test_ddp_equals_one_process(micro_tokens, micro_tokenizer, tmp_path):
     assert_close(losses(out), losses(ref))
     assert_close(grad_norms(out), grad_norms(ref))
     assert_weights_close(out, ref)
-    assert _log(out)[-1]["tokens_seen"] == 6 * 2 * RANKS * B * 64
+    assert read_log(out)[-1]["tokens_seen"] == 6 * 2 * RANKS * B * 64
 
 
 def test_fsdp_equals_one_process(fsdp_run, ref):
     assert_close(losses(fsdp_run), losses(ref))
     assert_close(grad_norms(fsdp_run), grad_norms(ref))
     assert_weights_close(fsdp_run, ref)
+    assert saved_optimizer_norm(fsdp_run) == pytest.approx(saved_optimizer_norm(ref), rel=TOL)  # whole, not one shard's
     assert (fsdp_run / "train_state" / "dcp" / ".metadata").is_file()
     assert not (fsdp_run / ".staging").exists()
 
@@ -177,6 +180,8 @@ def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_p
     assert_close(losses(out), losses(ref), tol=tol)
     assert_close(grad_norms(out), grad_norms(ref), tol=tol)
     assert_weights_close(out, ref, tol=max(tol, 1e-4))
+    # sharded and replicated states each counted once
+    assert saved_optimizer_norm(out) == pytest.approx(saved_optimizer_norm(ref), rel=max(tol, 1e-4))
 
 
 def test_two_rank_checkpoint_resumes_on_two_and_on_one(micro_tokens, micro_tokenizer, tmp_path, fsdp_run, ref):
@@ -187,12 +192,14 @@ def test_two_rank_checkpoint_resumes_on_two_and_on_one(micro_tokens, micro_token
     shutil.copytree(part, solo)
 
     torchrun(micro_tokens, micro_tokenizer, part, ("train.parallel", "fsdp"), resume=True)
-    assert_close(losses(part), losses(fsdp_run), tol=0)  # steps 1-2 logged before, 3-6 after resuming
+    assert_resumed(part, STOP, 6)  # steps 1-2 logged before, 3-6 after resuming, from the saved shards
+    assert_close(losses(part), losses(fsdp_run), tol=0)
     assert_weights_close(part, fsdp_run, tol=0)  # same ranks, same sums: bit for bit
 
     # 2 -> 1: one process reads the DCP shards whole (no process group) and carries on with
     # the same global batch.
     one_process(micro_tokens, micro_tokenizer, solo, ("train.batch_size", str(RANKS * B)), union=True, resume=True)
+    assert_resumed(solo, STOP, 6)
     assert_close(losses(solo), losses(ref))
     assert_weights_close(solo, ref)
     assert not (solo / "train_state" / "dcp").exists()  # a one-process checkpoint again
@@ -203,6 +210,7 @@ def test_one_process_checkpoint_resumes_on_two_ranks(micro_tokens, micro_tokeniz
     out = tmp_path / "m"
     one_process(micro_tokens, micro_tokenizer, out, ("train.batch_size", str(RANKS * B)), union=True, stop_at=STOP)
     torchrun(micro_tokens, micro_tokenizer, out, ("train.parallel", "fsdp"), resume=True)
+    assert_resumed(out, STOP, 6)
     assert_close(losses(out), losses(fsdp_run))
     assert_weights_close(out, fsdp_run)
 

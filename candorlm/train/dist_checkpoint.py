@@ -74,6 +74,24 @@ def load_optimizer_states(optimizers, states, model) -> None:
             opt.load_state_dict(st)
 
 
+def optimizer_state_norm(optimizers) -> float:
+    """The root sum of squares of every optimizer state tensor (moments, momentum buffers; not
+    step counters) over the whole model, whatever its sharding: the fingerprint the training
+    log records at each save and after a resume loads, so the log shows what was carried on.
+    A collective under FSDP/TP: every rank calls it."""
+    sq = 0.0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for _, v in sorted(opt.state.get(p, {}).items()):
+                    if torch.is_tensor(v) and v.dim() > 0 and v.is_floating_point():
+                        n = torch.linalg.vector_norm(v, dtype=torch.float64)
+                        if hasattr(n, "full_tensor"):  # a DTensor: its shards' norms combined
+                            n = n.full_tensor()
+                        sq += float(n) ** 2
+    return sq ** 0.5
+
+
 def _load_dcp(path, model, optimizers) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
