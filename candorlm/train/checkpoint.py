@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from candorlm.errors import CandorError
-from candorlm.fileio import atomic_write_json
-from candorlm.model.io import commit_staged, recover, staging_dir, write_model_files
+from candorlm.fileio import atomic_write_json, commit_staged, recover, staging_dir
+from candorlm.model.io import write_model_files
 
 
 def save_checkpoint(out_dir: str | Path, model, tokenizer_dir, optimizers, state: dict, run_config: dict,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from candorlm.errors import CandorError
+from candorlm.fileio import staging_dir
 from candorlm.model.io import weights_state_dict
 from candorlm.model.parallel import DCP_DIR, DistInfo, _is_sharded, barrier
 from candorlm.train.optim import remember_base_lrs
@@ -48,8 +49,6 @@ def stage_sharded_states(out_dir, model, optimizers, dist: DistInfo) -> bool:
         return False
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from candorlm.model.io import staging_dir
 
     path = Path(out_dir) / ".staging" / "train_state" / DCP_DIR
     if dist.rank == 0:
