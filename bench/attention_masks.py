@@ -20,8 +20,8 @@ import torch  # noqa: E402
 
 import candorlm.model.attention as A  # noqa: E402
 from candorlm.config import build_config  # noqa: E402
+from candorlm.device import autocast_dtype, configure_cpu_allocator  # noqa: E402
 from candorlm.model.transformer import Transformer  # noqa: E402
-from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_throughput import measure  # noqa: E402

@@ -95,8 +95,8 @@ def cmd_generate(args) -> None:
 
 def cmd_eval(args) -> None:
     from candorlm.data.shards import open_split
+    from candorlm.device import autocast_dtype, configure_cpu_allocator
     from candorlm.model.io import load_model
-    from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator
     from candorlm.train.loop import evaluate_bpb, token_bytes_for
 
     if args.seq_len < 0 or args.tokens < 1:

@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+from conftest import micro_config
 from safetensors.torch import load_file
 
 from candorlm.errors import CandorError
 from candorlm.train.loop import pretrain
-from conftest import micro_config
 
 
 def weights(d):
@@ -74,8 +74,9 @@ def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, mic
 
 
 def test_time_budget_refits_and_keeps_the_schedule(micro_tokens, micro_tokenizer, tmp_path):
-    from candorlm.train.loop import _refit_step, _steps_for_budget
     from conftest import micro_config as mc
+
+    from candorlm.train.loop import _refit_step, _steps_for_budget
 
     t = mc(("train.max_steps", "100000"), ("train.eval_every", "0")).train
     # 0.1 s steps, 6 done in 1 s of a 31 s budget (one final eval of 2048 tokens, 2 s for the save)
@@ -164,6 +165,7 @@ def test_failed_checkpoint_write_leaves_previous_loadable(micro_tokens, micro_to
 def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, micro_tokenizer, tmp_path):
     """SIGKILL at arbitrary moments of a run that checkpoints every step."""
     from conftest import MICRO
+
     from candorlm.api import load
 
     sets = _set_args(MICRO + [("train.max_steps", "400"), ("train.save_every", "1"), ("train.eval_every", "0")])
@@ -255,7 +257,7 @@ def test_tokenizer_floor_matches_the_special_tokens():
 
 ALLOCATOR_PROBE = """
 import sys, torch
-from candorlm.train.hardware import configure_cpu_allocator
+from candorlm.device import configure_cpu_allocator
 
 def rss_mb():
     for line in open("/proc/self/status"):

@@ -227,7 +227,7 @@ def _apply_fsdp(model, dp_mesh, tcfg, device: str) -> None:
     gradients in fp32 (torchtitan's default policy)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from candorlm.train.hardware import autocast_dtype
+    from candorlm.device import autocast_dtype
 
     mp = MixedPrecisionPolicy()
     if autocast_dtype(device, tcfg.dtype) == torch.bfloat16:

@@ -21,11 +21,11 @@ import torch
 from candorlm.config import RunConfig, describe
 from candorlm.data.loader import TrainBatches, check_eval_split, eval_windows
 from candorlm.data.shards import check_tokenizer, load_meta, open_split
+from candorlm.device import autocast_dtype, configure_cpu_allocator, matmul_flops, precision_name
 from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
 from candorlm.train import checkpoint as ckpt
 from candorlm.train import dist_checkpoint
-from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator, matmul_flops
 from candorlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 CALIBRATION_STEPS = 6  # steps timed before a time budget fixes max_steps
@@ -157,7 +157,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     log(describe(cfg))
     log(f"model: {model.num_params() / 1e6:.2f}M parameters, {flops_tok / 1e6:.1f} MFLOP/token; "
         f"{tokens_per_step} tokens/step; {'bf16 autocast' if amp else 'fp32'} on {device} x{dist.world_size}; "
-        f"measured matmul peak {peak / 1e9:.0f} GFLOP/s")
+        f"measured {precision_name(amp)} matmul peak {peak / 1e9:.0f} GFLOP/s")
     batches = TrainBatches(train_tokens, tcfg.seq_len, tcfg.batch_size, tcfg.seed, rank=dist.dp_rank)
     run_cfg_dict = cfg.to_dict()
     log_path = out_dir / "log.jsonl"
