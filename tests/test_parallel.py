@@ -6,10 +6,10 @@ of float sums differs. The one-process reference must see the same global batch 
 together: each rank r draws TrainBatches(..., batch_size=B, rank=r), so the reference draws
 with `UnionBatches`, which concatenates what ranks 0 and 1 draw, at batch size 2B.
 
-AdamW comparisons are tight. Muon's Newton-Schulz runs in bf16 (torch.optim.Muon), which
-turns fp32 reduction-order differences (~1e-7) into update differences of bf16 size, so the
-Muon comparisons (model/parallel.py's gathered Newton-Schulz under FSDP and TP) are looser:
-still far below what a wrong shard or a missing reduction would do (~1e-1 after 6 steps).
+AdamW comparisons are tight. Muon's Newton-Schulz (train/optim.py's Muon, whole matrices
+gathered under FSDP and TP) runs in the training precision, fp32 here, but its iterations
+amplify fp32 reduction-order differences (~1e-7), so the Muon comparisons are looser: still
+far below what a wrong shard or a missing reduction would do (~1e-1 after 6 steps).
 
 This file is also the torchrun target for runs that stop early (`--worker`), which the CLI
 cannot ask for.
@@ -209,18 +209,20 @@ def test_one_process_checkpoint_resumes_on_two_ranks(micro_tokens, micro_tokeniz
 
 def test_configuration_errors_are_clear():
     from candorlm.config import build_config
+    from candorlm.distributed import parallelize, runtime
     from candorlm.errors import CandorError
-    from candorlm.model import parallel
-    from candorlm.model.transformer import Transformer
 
     cfg = build_config("cpu-tiny", MICRO + [("train.parallel", "fsdp")])
     with pytest.raises(CandorError, match="torchrun"):
-        parallel.parallelize(Transformer(cfg.model), cfg.train, parallel.DistInfo())
+        runtime.init_distributed(cfg.train.parallel, cfg.train.tp_size)
+    with pytest.raises(CandorError, match="train.parallel='zero' is not one of"):
+        runtime.init_distributed("zero")
     with pytest.raises(CandorError, match="n_kv_heads=2 across 4 ranks"):
-        parallel._check_tp(cfg.model, 4)
+        parallelize._check_tp(cfg.model, 4)
     with pytest.raises(CandorError, match="fsdp\\+tp"):
-        parallel._tp_degree("tp", 2, 4)
-    assert parallel._tp_degree("fsdp+tp", 2, 4) == 2 and parallel._tp_degree("tp", 1, 2) == 2
+        runtime.tp_degree("tp", 2, 4)
+    assert runtime.tp_degree("fsdp+tp", 2, 4) == 2 and runtime.tp_degree("tp", 1, 2) == 2
+    assert runtime.DistInfo(rank=3, world_size=4, tp_size=2).dp_rank == 1
 
 
 def _worker(job: dict) -> None:

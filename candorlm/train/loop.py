@@ -1,8 +1,8 @@
 """Pretraining: the training loop, its evaluation, logging and checkpoints (`candor pretrain`).
 
-The same loop runs in one process and under torchrun: model/parallel.py wraps the model for
-DDP/FSDP/TP and gives the ranks and a few collectives; train/dist_checkpoint.py saves and
-loads sharded states (docs/scaling.md).
+The same loop runs in one process and under torchrun: distributed/parallelize.py wraps the
+model for DDP/FSDP/TP, distributed/runtime.py gives the ranks and a few collectives;
+train/dist_checkpoint.py saves and loads sharded states (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -98,10 +98,11 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     """Train from scratch (or resume) and write a model directory to out_dir.
 
     stop_at_step: save and return after that many steps, as an interruption would (tests)."""
-    from candorlm.model import parallel
+    from candorlm.distributed import runtime
+    from candorlm.distributed.parallelize import parallelize
 
     out_dir = Path(out_dir)
-    dist = parallel.init_distributed()
+    dist = runtime.init_distributed(cfg.train.parallel, cfg.train.tp_size)
     device = device or dist.device
     tcfg, mcfg = cfg.train.check(), cfg.model
     if torch.device(device).type == "cpu":
@@ -128,7 +129,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
         if dist.enabled:  # finish or drop a half-done commit once, before every rank reads
             if dist.rank == 0:
                 ckpt.has_checkpoint(out_dir)
-            parallel.barrier(dist)
+            runtime.barrier(dist)
 
         state, payload = ckpt.load_train_state(out_dir)
         changes = ckpt.resume_changes(ckpt.load_run_config(out_dir), cfg.to_dict())
@@ -140,12 +141,11 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
         if changes:
             log("changed since the checkpoint (the run will not match an uninterrupted one): "
                 + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-    train_model = parallel.parallelize(model, tcfg, dist)  # also activation checkpointing and compile
+    train_model = parallelize(model, tcfg, dist)  # also activation checkpointing and compile
     # FSDP/TP replace the parameters with DTensors on train_model; otherwise `model` holds them
-    # (uncompiled and unwrapped, so eval runs it directly).
+    # (unwrapped, so eval runs it directly).
     param_model = model if tcfg.parallel in ("none", "ddp") else train_model
-    optimizers = build_optimizers(param_model, tcfg)
-    optimizers = parallel.adapt_optimizers(optimizers, model)  # sharded runs: Muon on whole matrices
+    optimizers = build_optimizers(param_model, tcfg)  # sharded runs: Muon on whole matrices
     if payload is not None:
         dist_checkpoint.load_optimizer_states(optimizers, payload["optimizers"], model)
         ckpt.restore_rng(state, payload)
@@ -176,11 +176,13 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
         if dist.rank == 0:
             ckpt.save_checkpoint(out_dir, model, tokenizer_dir, optimizers, state, run_cfg_dict,
                                  state_dict=sd, optim_states=opt_states, staged=staged)
-        parallel.barrier(dist)
+        runtime.barrier(dist)
 
     def run_eval() -> dict:
-        r = evaluate_bpb(param_model, val_tokens, token_bytes,
-                         tcfg.seq_len, tcfg.eval_tokens, tcfg.batch_size, amp, device)
+        # Eager: compiled, a no-grad per-token forward is a second graph to compile (~30 s).
+        with torch.compiler.set_stance("force_eager"):
+            r = evaluate_bpb(param_model, val_tokens, token_bytes,
+                             tcfg.seq_len, tcfg.eval_tokens, tcfg.batch_size, amp, device)
         write_log({"step": state["step"], "event": "eval", **r})
         return r
 
@@ -205,12 +207,12 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             for micro in range(tcfg.grad_accum):
                 x, y = batches.get(step, micro)
                 x, y = x.to(device), y.to(device)
-                with parallel.no_sync_unless_last(train_model, micro == tcfg.grad_accum - 1, tcfg):
+                with runtime.no_sync_unless_last(train_model, micro == tcfg.grad_accum - 1):
                     with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
                         loss = train_model(x, y)
                     (loss / tcfg.grad_accum).backward()
                 loss_sum += loss.detach().float().item()
-            gnorm = parallel.clip_grad_norm_(train_model, tcfg.grad_clip) if tcfg.grad_clip > 0 else torch.tensor(0.0)
+            gnorm = runtime.clip_grad_norm_(train_model, tcfg.grad_clip) if tcfg.grad_clip > 0 else torch.tensor(0.0)
             for opt in optimizers:
                 opt.step()
             for opt in optimizers:
@@ -219,7 +221,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             state["step"] = step + 1
             state["tokens_seen"] += tokens_per_step
             state["elapsed_s"] += dt
-            train_loss = parallel.mean_across_ranks(loss_sum / tcfg.grad_accum, dist)
+            train_loss = runtime.mean_across_ranks(loss_sum / tcfg.grad_accum, dist)
             step_times.append(dt)
             if budget and state["step"] in (CALIBRATION_STEPS, refit_at):
                 # Fit the run to the budget: after a few steps on their median (the early ones
@@ -231,7 +233,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
                 t_step = float(np.median(step_times[2:]) if first else np.mean(step_times[-100:]))
                 fit = _steps_for_budget(budget, t_step, tcfg, tokens_per_step, time.perf_counter() - t_start,
                                         state["step"])
-                state["max_steps"] = int(parallel.min_across_ranks(fit, dist))
+                state["max_steps"] = int(runtime.min_across_ranks(fit, dist))
                 log(f"time budget {budget:.0f}s: {t_step:.3f}s/step -> train.max_steps = {state['max_steps']}")
                 write_log({"step": state["step"], "event": "budget", "s_per_step": t_step, "max_steps": state["max_steps"]})
                 refit_at = _refit_step(state["step"], state["max_steps"], tcfg)
@@ -248,7 +250,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             if math.isnan(train_loss):
                 raise CandorError(f"loss became NaN at step {state['step']}; lower train.lr / train.matrix_lr")
             # Ranks stop together: one signalled alone would otherwise leave the rest in a collective.
-            stop = bool(parallel.max_across_ranks(interrupt.requested, dist)) or (
+            stop = bool(runtime.max_across_ranks(interrupt.requested, dist)) or (
                 stop_at_step is not None and state["step"] >= stop_at_step)
             if (tcfg.save_every and state["step"] % tcfg.save_every == 0) or stop:
                 save()
