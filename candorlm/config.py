@@ -47,6 +47,9 @@ class ModelConfig:
     window_size: int = 128
     logit_softcap: float = 0.0  # 0: off; else logits = c * tanh(logits / c)
     init_std: float = 0.02
+    # How attention is computed (not what): auto | sdpa | cpu | flex, resolved for the device
+    # the model is built for (model/attention.py). Weights do not depend on it.
+    attention_backend: str = "auto"
 
     def resolved(self) -> "ModelConfig":
         """A copy with derived fields (head_dim, d_ff) filled in and every field checked."""
@@ -73,6 +76,8 @@ class ModelConfig:
             (c.rope_theta > 0, f"model.rope_theta={c.rope_theta} must be > 0"),
             (c.init_std > 0, f"model.init_std={c.init_std} must be > 0"),
             (c.logit_softcap >= 0, f"model.logit_softcap={c.logit_softcap} must be >= 0 (0: off)"),
+            (c.attention_backend in ATTENTION_BACKENDS,
+             f"model.attention_backend={c.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -92,6 +97,7 @@ class ModelConfig:
 POS_ENCODINGS = ("rope", "alibi", "learned", "sinusoidal", "none")
 MLPS = ("swiglu", "relu2", "gelu")
 NORMS = ("rmsnorm", "layernorm")
+ATTENTION_BACKENDS = ("auto", "sdpa", "cpu", "flex")
 
 
 @dataclass

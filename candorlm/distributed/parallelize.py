@@ -84,7 +84,7 @@ def _apply_tp(model, tp_mesh, sequence_parallel: bool) -> None:
     view(B, T, -1, head_dim), so it runs on its local heads unchanged), o/down split by input
     rows and all-reduced (or reduce-scattered along time with sequence parallelism, Korthikanti
     et al. 2022). The embedding, the tied head and the final norm stay whole on every rank:
-    the head loss is fused over a full weight (model/loss.py), so it is not split."""
+    the head loss is fused over a full weight (model/kernels/head_loss.py), so it is not split."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -114,13 +114,15 @@ def _apply_tp(model, tp_mesh, sequence_parallel: bool) -> None:
         if cfg.qk_norm:
             # Per-head norms see only local heads: as DTensors sharded on the head dim their
             # weight gradients are summed across the group (plain tensors would get partial sums).
+            # They must run as modules, through these hooks: not inside the fused QK-norm + RoPE.
             plan["attn.q_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
             plan["attn.k_norm"] = SequenceParallel(sequence_dim=1, use_local_output=True)
+            block.attn.fused_qk_norm_rope = False
         if sequence_parallel:
-            # Block.forward calls attn(x, rope, mask, cache, start) and mlp(x): gather x along time.
+            # Block.forward calls attn(x, rope, attend, mask, cache, start) and mlp(x): gather x along time.
             plan["attn_norm"] = SequenceParallel()
-            plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
-                                              desired_input_layouts=(Replicate(), None, None, None, None))
+            plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None, None),
+                                              desired_input_layouts=(Replicate(), None, None, None, None, None))
             plan["mlp_norm"] = SequenceParallel()
             plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
         parallelize_module(block, tp_mesh, plan)

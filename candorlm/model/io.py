@@ -81,7 +81,7 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> Transformer:
     if not wpath.is_file():
         raise CandorError(f"{model_dir} has no model.safetensors")
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, device=device)
     model = model.to_empty(device=device)
     model._init_buffers(device)
     try:

@@ -120,7 +120,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     log = (lambda *a: None) if (quiet or dist.rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     torch.manual_seed(tcfg.seed)
-    model = Transformer(mcfg).to(device)
+    model = Transformer(mcfg, device=device).to(device)
     state = {"step": 0, "max_steps": tcfg.max_steps, "tokens_seen": 0, "elapsed_s": 0.0}
     payload = None
     if resume:
