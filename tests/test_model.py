@@ -74,10 +74,11 @@ def test_fused_head_loss_matches_naive(softcap):
 
 @pytest.mark.parametrize("softcap", [0.0, 15.0])
 def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
-    """Several chunks (the summed path computes its gradients in forward), gradients for x
-    only and for w only, bf16 autocast, and a forward without gradients."""
+    """Several chunks (the summed path computes its gradients in forward, per-token losses
+    are computed chunk by chunk), gradients for x only and for w only, bf16 autocast, and a
+    forward without gradients."""
     monkeypatch.setattr(loss_mod, "SUM_CHUNK_ROWS", 96)
-    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 64 * 50)  # 64 rows of the 50-token vocabulary
     torch.manual_seed(1)
     x = torch.randn(333, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
@@ -88,7 +89,7 @@ def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
         gb = torch.autograd.grad(naive_head_loss(x, w, t, softcap, red), (x, w))
         for u, v in zip(ga, gb):
             torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
-    # Per-token losses weighted unevenly go through the recomputing path.
+    # Per-token losses weighted unevenly, with gradients: the plain path.
     wts = torch.rand(333)
     ga = torch.autograd.grad((fused_head_loss(x, w, t, softcap, "none") * wts).sum(), (x, w))
     gb = torch.autograd.grad((naive_head_loss(x, w, t, softcap, "none") * wts).sum(), (x, w))
