@@ -179,6 +179,22 @@ def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_p
     assert_weights_close(out, ref, tol=max(tol, 1e-4))
 
 
+@pytest.mark.parametrize("parallel", ["fsdp", "fsdp+tp"])
+def test_compiled_blocks_train_as_eager_ones(micro_tokens, micro_tokenizer, tmp_path, parallel, fsdp_run):
+    """Blocks compiled in place (`block.compile()`), under FSDP's hooks and, with TP, inside the
+    activation-checkpointing wrapper: the same losses and weights as eager ranks (fsdp_run, or
+    an eager fsdp+tp run here), with parameter names a single-process model has."""
+    extra = [("train.parallel", parallel)]
+    if parallel == "fsdp+tp":
+        extra += [("train.tp_size", str(RANKS)), ("train.activation_checkpointing", "true")]
+        eager = torchrun(micro_tokens, micro_tokenizer, tmp_path / "eager", *extra)
+    else:
+        eager = fsdp_run
+    out = torchrun(micro_tokens, micro_tokenizer, tmp_path / "compiled", *extra, ("train.compile", "true"), timeout=600)
+    assert_close(losses(out), losses(eager), tol=1e-4)
+    assert_weights_close(out, eager)  # also: the same parameter names
+
+
 def test_two_rank_checkpoint_resumes_on_two_and_on_one(micro_tokens, micro_tokenizer, tmp_path, fsdp_run, ref):
     part = torchrun(micro_tokens, micro_tokenizer, tmp_path / "part", ("train.parallel", "fsdp"), stop_at=STOP)
     assert json.loads((part / "train_state" / "state.json").read_text())["step"] == STOP
@@ -223,6 +239,21 @@ def test_configuration_errors_are_clear():
         runtime.tp_degree("tp", 2, 4)
     assert runtime.tp_degree("fsdp+tp", 2, 4) == 2 and runtime.tp_degree("tp", 1, 2) == 2
     assert runtime.DistInfo(rank=3, world_size=4, tp_size=2).dp_rank == 1
+
+
+def test_one_process_compiles_in_place():
+    """One process: the model itself is compiled (nn.Module.compile), so parameter and
+    state-dict names stay those of the eager model (no `_orig_mod.`)."""
+    from candorlm.config import build_config
+    from candorlm.distributed import parallelize, runtime
+    from candorlm.model.transformer import Transformer
+
+    cfg = build_config("cpu-tiny", MICRO + [("train.compile", "true")])
+    model = Transformer(cfg.model)
+    names = [n for n, _ in model.named_parameters()]
+    assert parallelize.parallelize(model, cfg.train, runtime.DistInfo()) is model
+    assert model._compiled_call_impl is not None
+    assert [n for n, _ in model.named_parameters()] == names and "_orig_mod" not in "".join(model.state_dict())
 
 
 def _worker(job: dict) -> None:
