@@ -45,9 +45,9 @@ import torch
 from candorlm.config import build_config
 from candorlm.data.loader import TrainBatches
 from candorlm.data.shards import open_split
+from candorlm.device import autocast_dtype
 from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
-from candorlm.train.hardware import autocast_dtype
 from candorlm.train.loop import pretrain, threads_default
 from candorlm.train.optim import build_optimizers
 

@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from candorlm.config import build_config, parse_set_args  # noqa: E402
+from candorlm.device import autocast_dtype, configure_cpu_allocator, matmul_flops  # noqa: E402
 from candorlm.model.transformer import Transformer  # noqa: E402
-from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator, matmul_flops  # noqa: E402
 
 
 def hf_qwen3(mc):

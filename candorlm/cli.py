@@ -142,9 +142,9 @@ def cmd_chat(args) -> None:
 
 def cmd_eval(args) -> None:
     from candorlm.data.shards import open_split
+    from candorlm.device import autocast_dtype, configure_cpu_allocator
     from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
     from candorlm.model.io import load_model
-    from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator
 
     if args.seq_len < 0 or args.tokens < 1:
         raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) and --tokens {args.tokens} >= 1")

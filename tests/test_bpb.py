@@ -66,7 +66,7 @@ def test_bits_per_byte_is_the_hand_computed_figure(micro_model, micro_tokens, mi
 
 def test_candor_eval_prints_the_figure(micro_model, micro_tokens, capsys):
     from candorlm.cli import main
-    from candorlm.train.hardware import autocast_dtype
+    from candorlm.device import autocast_dtype
 
     main(["eval", "--model", str(micro_model), "--data", str(micro_tokens), "--tokens", str(MAX_TOKENS)])
     printed = json.loads(capsys.readouterr().out)

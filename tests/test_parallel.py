@@ -6,10 +6,10 @@ of float sums differs. The one-process reference must see the same global batch 
 together: each rank r draws TrainBatches(..., batch_size=B, rank=r), so the reference draws
 with `UnionBatches`, which concatenates what ranks 0 and 1 draw, at batch size 2B.
 
-AdamW comparisons are tight. Muon's Newton-Schulz runs in bf16 (torch.optim.Muon), which
-turns fp32 reduction-order differences (~1e-7) into update differences of bf16 size, so the
-Muon comparisons (model/parallel.py's gathered Newton-Schulz under FSDP and TP) are looser:
-still far below what a wrong shard or a missing reduction would do (~1e-1 after 6 steps).
+AdamW comparisons are tight. Muon's Newton-Schulz (train/optim.py's Muon, whole matrices
+gathered under FSDP and TP) runs in the training precision, fp32 here, but its iterations
+amplify fp32 reduction-order differences (~1e-7), so the Muon comparisons are looser: still
+far below what a wrong shard or a missing reduction would do (~1e-1 after 6 steps).
 
 This file is also the torchrun target for runs that stop early (`--worker`), which the CLI
 cannot ask for.
@@ -184,6 +184,22 @@ def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_p
     assert saved_optimizer_norm(out) == pytest.approx(saved_optimizer_norm(ref), rel=max(tol, 1e-4))
 
 
+@pytest.mark.parametrize("parallel", ["fsdp", "fsdp+tp"])
+def test_compiled_blocks_train_as_eager_ones(micro_tokens, micro_tokenizer, tmp_path, parallel, fsdp_run):
+    """Blocks compiled in place (`block.compile()`), under FSDP's hooks and, with TP, inside the
+    activation-checkpointing wrapper: the same losses and weights as eager ranks (fsdp_run, or
+    an eager fsdp+tp run here), with parameter names a single-process model has."""
+    extra = [("train.parallel", parallel)]
+    if parallel == "fsdp+tp":
+        extra += [("train.tp_size", str(RANKS)), ("train.activation_checkpointing", "true")]
+        eager = torchrun(micro_tokens, micro_tokenizer, tmp_path / "eager", *extra)
+    else:
+        eager = fsdp_run
+    out = torchrun(micro_tokens, micro_tokenizer, tmp_path / "compiled", *extra, ("train.compile", "true"), timeout=600)
+    assert_close(losses(out), losses(eager), tol=1e-4)
+    assert_weights_close(out, eager)  # also: the same parameter names
+
+
 def test_two_rank_checkpoint_resumes_on_two_and_on_one(micro_tokens, micro_tokenizer, tmp_path, fsdp_run, ref):
     part = torchrun(micro_tokens, micro_tokenizer, tmp_path / "part", ("train.parallel", "fsdp"), stop_at=STOP)
     assert json.loads((part / "train_state" / "state.json").read_text())["step"] == STOP
@@ -217,18 +233,35 @@ def test_one_process_checkpoint_resumes_on_two_ranks(micro_tokens, micro_tokeniz
 
 def test_configuration_errors_are_clear():
     from candorlm.config import build_config
+    from candorlm.distributed import parallelize, runtime
     from candorlm.errors import CandorError
-    from candorlm.model import parallel
-    from candorlm.model.transformer import Transformer
 
     cfg = build_config("cpu-tiny", MICRO + [("train.parallel", "fsdp")])
     with pytest.raises(CandorError, match="torchrun"):
-        parallel.parallelize(Transformer(cfg.model), cfg.train, parallel.DistInfo())
+        runtime.init_distributed(cfg.train.parallel, cfg.train.tp_size)
+    with pytest.raises(CandorError, match="train.parallel='zero' is not one of"):
+        runtime.init_distributed("zero")
     with pytest.raises(CandorError, match="n_kv_heads=2 across 4 ranks"):
-        parallel._check_tp(cfg.model, 4)
+        parallelize._check_tp(cfg.model, 4)
     with pytest.raises(CandorError, match="fsdp\\+tp"):
-        parallel._tp_degree("tp", 2, 4)
-    assert parallel._tp_degree("fsdp+tp", 2, 4) == 2 and parallel._tp_degree("tp", 1, 2) == 2
+        runtime.tp_degree("tp", 2, 4)
+    assert runtime.tp_degree("fsdp+tp", 2, 4) == 2 and runtime.tp_degree("tp", 1, 2) == 2
+    assert runtime.DistInfo(rank=3, world_size=4, tp_size=2).dp_rank == 1
+
+
+def test_one_process_compiles_in_place():
+    """One process: the model itself is compiled (nn.Module.compile), so parameter and
+    state-dict names stay those of the eager model (no `_orig_mod.`)."""
+    from candorlm.config import build_config
+    from candorlm.distributed import parallelize, runtime
+    from candorlm.model.transformer import Transformer
+
+    cfg = build_config("cpu-tiny", MICRO + [("train.compile", "true")])
+    model = Transformer(cfg.model)
+    names = [n for n, _ in model.named_parameters()]
+    assert parallelize.parallelize(model, cfg.train, runtime.DistInfo()) is model
+    assert model._compiled_call_impl is not None
+    assert [n for n, _ in model.named_parameters()] == names and "_orig_mod" not in "".join(model.state_dict())
 
 
 def _worker(job: dict) -> None:

@@ -219,6 +219,7 @@ def test_failed_checkpoint_write_leaves_previous_loadable(micro_tokens, micro_to
 def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, micro_tokenizer, tmp_path):
     """SIGKILL at arbitrary moments of a run that checkpoints every step."""
     from conftest import MICRO
+
     from candorlm.api import load
 
     sets = _set_args(MICRO + [("train.max_steps", "400"), ("train.save_every", "1"), ("train.eval_every", "0")])
@@ -328,7 +329,7 @@ def test_tokenizer_floor_matches_the_special_tokens():
 
 ALLOCATOR_PROBE = """
 import sys, torch
-from candorlm.train.hardware import configure_cpu_allocator
+from candorlm.device import configure_cpu_allocator
 
 def rss_mb():
     for line in open("/proc/self/status"):

@@ -1,9 +1,9 @@
 """Pretraining (`candor pretrain`): `set_up` builds or resumes a run, then each step is
 `maybe_eval`, `train_step`, the time budget's fit, `log_step` and `maybe_save`.
 
-The same loop runs in one process and under torchrun: model/parallel.py wraps the model for
-DDP/FSDP/TP and gives the ranks and a few collectives; train/dist_checkpoint.py saves and
-loads sharded states (docs/scaling.md). The time budget is train/budget.py, bits per byte
+The same loop runs in one process and under torchrun: distributed/parallelize.py wraps the
+model for DDP/FSDP/TP, distributed/runtime.py gives the ranks and a few collectives;
+train/dist_checkpoint.py saves and loads sharded states (docs/scaling.md). The time budget is train/budget.py, bits per byte
 evaluate/bpb.py, the optimizers and schedule train/optim.py. This module only orders them
 and writes `log.jsonl`.
 """
@@ -26,14 +26,15 @@ import torch
 from candorlm.config import RunConfig, describe
 from candorlm.data.loader import TrainBatches, check_eval_split
 from candorlm.data.shards import load_meta, open_split
+from candorlm.device import autocast_dtype, configure_cpu_allocator, matmul_flops, precision_name
 from candorlm.errors import CandorError
 from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
-from candorlm.model import parallel
+from candorlm.distributed import runtime
+from candorlm.distributed.parallelize import parallelize
 from candorlm.model.transformer import Transformer
 from candorlm.train import checkpoint as ckpt
 from candorlm.train import dist_checkpoint
 from candorlm.train.budget import TimeBudget
-from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator, matmul_flops
 from candorlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 
@@ -45,7 +46,7 @@ class Run:
     cfg: RunConfig
     out_dir: Path
     tokenizer_dir: Path
-    dist: parallel.DistInfo
+    dist: runtime.DistInfo
     device: str
     amp: torch.dtype | None  # None: fp32
     model: Transformer  # unwrapped and uncompiled (sharded in place under FSDP/TP): eval and saves read it
@@ -72,7 +73,7 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     `start` record: the step it starts after, whether resumed, this process's pid and the
     optimizer states' norm (dist_checkpoint.optimizer_state_norm; 0 for a fresh run)."""
     out_dir = Path(out_dir)
-    dist = parallel.init_distributed()
+    dist = runtime.init_distributed(cfg.train.parallel, cfg.train.tp_size)
     device = dist.device
     tcfg, mcfg = cfg.train.check(), cfg.model
     if torch.device(device).type == "cpu":
@@ -90,14 +91,14 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     say = (lambda *a: None) if (quiet or dist.rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     torch.manual_seed(tcfg.seed)
-    model = Transformer(mcfg).to(device)
+    model = Transformer(mcfg, device=device).to(device)
     state = {"step": 0, "max_steps": tcfg.max_steps, "tokens_seen": 0, "elapsed_s": 0.0}
     payload = None
     if resume:
         state, payload = _load_checkpoint(out_dir, model, cfg, dist, say)
     # FSDP/TP shard `model` in place and return it; DDP and compile return a wrapper around it.
-    train_model = parallel.parallelize(model, tcfg, dist)  # also activation checkpointing and compile
-    optimizers = parallel.adapt_optimizers(build_optimizers(model, tcfg), model)  # sharded: Muon on whole matrices
+    train_model = parallelize(model, tcfg, dist)  # also activation checkpointing and compile
+    optimizers = build_optimizers(model, tcfg)  # sharded: Muon on whole matrices
     if payload is not None:
         dist_checkpoint.load_optimizer_states(optimizers, payload["optimizers"], model)
         ckpt.restore_rng(state, payload)
@@ -113,7 +114,7 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     say(describe(cfg))
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {run.flops_per_token / 1e6:.1f} MFLOP/token; "
         f"{run.tokens_per_step} tokens/step; {'bf16 autocast' if amp else 'fp32'} on {device} x{dist.world_size}; "
-        f"measured matmul peak {run.peak_flops / 1e9:.0f} GFLOP/s")
+        f"measured {precision_name(amp)} matmul peak {run.peak_flops / 1e9:.0f} GFLOP/s")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and dist.rank == 0:
         (out_dir / "log.jsonl").unlink(missing_ok=True)  # a log left by a run that never saved: this run's log starts fresh
@@ -132,7 +133,7 @@ def _load_checkpoint(out_dir: Path, model: Transformer, cfg: RunConfig, dist, sa
     if dist.enabled:  # finish or drop a half-done commit once, before every rank reads
         if dist.rank == 0:
             ckpt.has_checkpoint(out_dir)
-        parallel.barrier(dist)
+        runtime.barrier(dist)
     state, payload = ckpt.load_train_state(out_dir)
     changes = ckpt.resume_changes(ckpt.load_run_config(out_dir), cfg.to_dict())
     model.load_state_dict(load_file(str(out_dir / "model.safetensors")), strict=not cfg.model.tie_embeddings)
@@ -155,12 +156,12 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     for micro in range(tcfg.grad_accum):
         x, y = run.batches.get(step, micro)
         x, y = x.to(device), y.to(device)
-        with parallel.no_sync_unless_last(run.train_model, micro == tcfg.grad_accum - 1, tcfg):
+        with runtime.no_sync_unless_last(run.train_model, micro == tcfg.grad_accum - 1):
             with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
                 loss = run.train_model(x, y)
             (loss / tcfg.grad_accum).backward()
         loss_sum += loss.detach().double()
-    gnorm = parallel.clip_grad_norm_(run.train_model, tcfg.grad_clip) if tcfg.grad_clip > 0 else torch.tensor(0.0)
+    gnorm = runtime.clip_grad_norm_(run.train_model, tcfg.grad_clip) if tcfg.grad_clip > 0 else torch.tensor(0.0)
     for opt in run.optimizers:
         opt.step()
     for opt in run.optimizers:
@@ -170,8 +171,11 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def evaluate(run: Run) -> dict:
     tcfg = run.cfg.train
-    r = evaluate_bpb(run.model, run.val_tokens, run.token_bytes, tcfg.seq_len, tcfg.eval_tokens, tcfg.batch_size,
-                     run.amp, run.device)
+    # Eager: the model is compiled in place, and a no-grad per-token forward would be a second
+    # graph to compile (~30 s).
+    with torch.compiler.set_stance("force_eager"):
+        r = evaluate_bpb(run.model, run.val_tokens, run.token_bytes, tcfg.seq_len, tcfg.eval_tokens,
+                         tcfg.batch_size, run.amp, run.device)
     run.write_log({"step": run.state["step"], "event": "eval", **r})
     return r
 
@@ -191,7 +195,7 @@ def save(run: Run) -> None:
     if dist.rank == 0:
         ckpt.save_checkpoint(run.out_dir, model, run.tokenizer_dir, run.optimizers, run.state, run.cfg.to_dict(),
                              state_dict=sd, optim_states=opt_states, staged=staged)
-    parallel.barrier(dist)
+    runtime.barrier(dist)
     run.write_log({"event": "save", "step": run.state["step"],
                    "optimizer_norm": dist_checkpoint.optimizer_state_norm(run.optimizers)})
 
@@ -209,7 +213,7 @@ def maybe_save(run: Run, stop: bool, loss_sum: torch.Tensor) -> None:
 def fit_budget(run: Run, budget: TimeBudget, step_times: list[float], bar) -> None:
     state = run.state
     t_step, state["max_steps"] = budget.fit(state["step"], step_times,
-                                            agree=lambda n: int(parallel.min_across_ranks(n, run.dist)))
+                                            agree=lambda n: int(runtime.min_across_ranks(n, run.dist)))
     run.say(f"time budget {budget.seconds:.0f}s: {t_step:.3f}s/step -> train.max_steps = {state['max_steps']}")
     run.write_log({"step": state["step"], "event": "budget", "s_per_step": t_step, "max_steps": state["max_steps"]})
     bar.total = state["max_steps"]
@@ -230,7 +234,7 @@ def log_step(run: Run, step: int, loss_sum: torch.Tensor, gnorm: torch.Tensor, d
 
 def _mean_loss(run: Run, loss_sum: torch.Tensor) -> float:
     """The step's loss averaged over micro-batches and ranks: a CPU-GPU sync point."""
-    return parallel.mean_across_ranks(float(loss_sum) / run.cfg.train.grad_accum, run.dist)
+    return runtime.mean_across_ranks(float(loss_sum) / run.cfg.train.grad_accum, run.dist)
 
 
 def _diverged(run: Run) -> CandorError:
@@ -272,7 +276,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
                 log_step(run, step, loss_sum, gnorm, dt, bar)
             bar.update(1)
             # Ranks stop together: one signalled alone would otherwise leave the rest in a collective.
-            stop = bool(parallel.max_across_ranks(interrupt.requested, run.dist)) or (
+            stop = bool(runtime.max_across_ranks(interrupt.requested, run.dist)) or (
                 stop_at_step is not None and state["step"] >= stop_at_step)
             maybe_save(run, stop, loss_sum)
             if stop:
