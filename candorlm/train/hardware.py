@@ -35,8 +35,11 @@ def autocast_dtype(device: str, choice: str) -> torch.dtype | None:
 def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = torch.bfloat16, n: int = 2048, seconds: float = 0.4) -> float:
     """Measured dense matmul rate (FLOP/s) at size n: the machine's practical peak."""
     dt = dtype or torch.float32
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
+    # Its own generator: drawing from the global one would change the RNG state a checkpoint
+    # saves, depending on whether this process had measured before (it is cached).
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dt, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=g)
     for _ in range(2):
         a @ b
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
