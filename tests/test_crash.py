@@ -4,18 +4,21 @@ resuming from what it left ends bit for bit where an uninterrupted run ends.
 A run is trained to step k and saved; a child process resumes it, trains step k+1 and saves
 again, with the os/shutil/io file operations wrapped (`FileOps`) so that the N-th one that
 touches the run's directory calls os._exit before it runs: the state a SIGKILL between two
-operations leaves. N goes over every operation counted in a clean run (one process) or over
-the commit's own operations (2 FSDP ranks under torchrun, rank 0 killed). After each crash the
-directory is read as any reader would (`has_checkpoint` finishes or drops a half-done commit)
-and must hold exactly checkpoint k or k+1: weights, optimizer state, train state and model
-files all equal to a saved reference copy of the same step. Then it resumes to the end.
+operations leaves. N goes over every operation counted in a clean run (one process: 42, in
+forked children, ~45 s on 2 busy cores), or over six points of rank 0's part of a sharded
+commit (2 FSDP ranks under torchrun, a launch each, `_dcp_crash_points`: ~2.5 min). After each
+crash the directory is read as any reader would (`has_checkpoint` finishes or drops a half-done
+commit) and must hold exactly checkpoint k or k+1: weights, optimizer state, train state and
+model files all equal to a saved reference copy of the same step. Then it resumes to the end.
 
-Rejected: weights (or any file) written into place before the commit is decided (a crash
-leaves step k+1's weights beside step k's optimizer state), a commit that is not finished on
-recovery, a staging directory that is not dropped. The wrapper patches os/shutil/io functions,
-not candorlm's, so it follows the commit code wherever it lives. Writes that C/Rust code does
-itself (safetensors, torch.save's zip writer) are not interrupted inside, only between the
-operations around them; a torn file then lies in the staging directory, which is dropped.
+Rejected: weights (or any file) written into place before the commit is decided, where a crash
+leaves step k+1's weights beside step k's optimizer state (model files written straight into
+place: 24 of 37 one-process crash points, and the sharded one before the decision, held neither
+checkpoint); a commit not finished on recovery; a staging directory not dropped. The wrapper
+patches os/shutil/io functions, not candorlm's, so it follows the commit code wherever it lives.
+Writes that C/Rust code does itself (safetensors, torch.save's zip writer) are not interrupted
+inside, only between the operations around them; a torn file then lies in the staging
+directory, which is dropped.
 
 This file is also the crash children's entry point (`--fork-crashes`, `--rank-worker`).
 """
@@ -132,7 +135,7 @@ def _same(a, b, where: str, bad: list[str]) -> None:
         for k in a.keys() & b.keys():
             _same(a[k], b[k], f"{where}[{k!r}]", bad)
     elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _same(x, y, f"{where}[{i}]", bad)
     elif a != b:
         bad.append(where)
@@ -297,5 +300,103 @@ def _fork_crashes(job: dict) -> None:
     (work / "result.json").write_text(json.dumps({"events": events, "statuses": statuses}))
 
 
+# --- 2 FSDP ranks, sharded (DCP) checkpoints ------------------------------------------------------
+
+RANKS = 2
+FSDP = [("train.parallel", "fsdp"), ("train.dtype", "fp32")]
+
+
+def torchrun(runs: list[dict], watch: dict | None = None, timeout=600) -> subprocess.CompletedProcess:
+    """2 gloo ranks running `runs` one after another (each {"out", "resume", "stop_at"}), in one
+    process group; watch={"crash_at": N} / {"count": path} puts FileOps on rank 0 for the last run."""
+    job = {"runs": runs, "watch": watch}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}", __file__,
+           "--rank-worker", json.dumps(job)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                          cwd=Path(__file__).parent.parent)
+
+
+def _rank_worker(job: dict) -> None:
+    from candorlm.config import build_config
+    from candorlm.train.loop import pretrain
+
+    cfg = lambda: build_config("cpu-tiny", [tuple(p) for p in PAIRS + FSDP])  # noqa: E731
+    runs, watch = job["runs"], job["watch"] or {}
+    for i, run in enumerate(runs):
+        ops = None
+        if watch and i == len(runs) - 1 and int(os.environ["RANK"]) == 0:
+            ops = FileOps(run["out"], watch.get("crash_at", 0)).install()
+        pretrain(run["tokens"], run["tok"], run["out"], cfg(), quiet=True, resume=run.get("resume", False),
+                 stop_at_step=run.get("stop_at"))
+        if ops is not None and "count" in watch:
+            Path(watch["count"]).write_text(json.dumps(ops.events))
+
+
+def _dcp_crash_points(events: list[str]) -> dict[int, str]:
+    """Crash points in rank 0's part of a sharded commit (each costs a torchrun launch, ~10-20 s):
+    inside its DCP shard write, just before the commit is decided, and then each step of
+    applying the decided commit that changes a different thing: the first move, the old
+    train_state half deleted (inside its dcp/), the new train_state moved in, the last rmdir."""
+    decide = next(i for i, e in enumerate(events) if e.startswith("replace .staging -> .commit"))
+    pick = {
+        next(i for i, e in enumerate(events) if e.startswith("open .staging/train_state/dcp/")): "DCP shard write",
+        decide: "decision (rename .staging -> .commit)",
+        decide + 1: "first move out of .commit",
+        next(i for i, e in enumerate(events) if i > decide and e.startswith(("unlink train_state/dcp/",
+                                                                                 "rmdir train_state/dcp"))):
+            "old train_state half deleted",
+        next(i for i, e in enumerate(events) if i > decide and e.startswith("replace .commit/train_state")):
+            "new train_state moved in",
+        len(events) - 1: "last operation of the commit",
+    }
+    return {i + 1: f"{what}: {events[i]}" for i, what in sorted(pick.items())}
+
+
+@pytest.mark.slow
+def test_rank0_killed_during_a_sharded_commit(micro_tokens, micro_tokenizer, tmp_path):
+    data = {"tokens": str(micro_tokens), "tok": str(micro_tokenizer)}
+    full, ref_k, ref_k1 = tmp_path / "full", tmp_path / "ref_k", tmp_path / "ref_k1"
+    p = torchrun([{**data, "out": str(full)}, {**data, "out": str(ref_k), "stop_at": K}])
+    assert p.returncode == 0, p.stderr[-4000:]
+    shutil.copytree(ref_k, ref_k1)
+    p = torchrun([{**data, "out": str(ref_k1), "resume": True, "stop_at": K + 1}],
+                 watch={"count": str(tmp_path / "events.json")})
+    assert p.returncode == 0, p.stderr[-4000:]
+    events = json.loads((tmp_path / "events.json").read_text())
+    assert (ref_k1 / "train_state" / "dcp" / ".metadata").is_file()
+    refs = {"k": ref_k, "k+1": ref_k1}
+    assert set(differences(ref_k, ref_k1)) >= {"model.safetensors", "train_state/dcp", "train_state/state.json"}
+
+    points, outcomes, neither = _dcp_crash_points(events), {}, []
+    for n, what in points.items():
+        d = tmp_path / f"crash{n}"
+        shutil.copytree(ref_k, d)
+        p = torchrun([{**data, "out": str(d), "resume": True, "stop_at": K + 1}], watch={"crash_at": n})
+        assert p.returncode != 0 and f"crash before event {n}:" in p.stderr, (n, p.stderr[-3000:])
+        seen = observe_and_recover(d)
+        got = which_checkpoint(d, refs)
+        if got is None:
+            neither.append(f"crash before {n} ({what}): differs from k in {differences(d, ref_k)}, "
+                           f"from k+1 in {differences(d, ref_k1)}")
+        outcomes[n] = (what, got, seen["commit"], seen["staging"])
+    print("\n".join(f"{n:3d} {w:<70} -> {c}{' (.commit: finished)' if m else ''}{' (.staging: dropped)' if s else ''}"
+                    for n, (w, c, m, s) in outcomes.items()))
+    assert not neither, f"{len(neither)} of {len(points)} crashes left neither checkpoint:\n" + "\n".join(neither)
+    got = [c for _, c, _, _ in outcomes.values()]
+    assert got == sorted(got, key=["k", "k+1"].index) and "k" in got and "k+1" in got, outcomes
+    assert any(m and c == "k+1" for _, c, m, _ in outcomes.values()), "no crash point exercised finishing a commit"
+
+    # every crashed directory resumed to the end, in one launch: bit for bit the uninterrupted run
+    p = torchrun([{**data, "out": str(tmp_path / f"crash{n}"), "resume": True} for n in points])
+    assert p.returncode == 0, p.stderr[-4000:]
+    for n in points:
+        d = tmp_path / f"crash{n}"
+        assert_same_weights(d, full)
+        assert not differences(d, full), (n, differences(d, full))
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--fork-crashes"]:
     _fork_crashes(json.loads(sys.argv[2]))
+elif __name__ == "__main__" and sys.argv[1:2] == ["--rank-worker"]:
+    _rank_worker(json.loads(sys.argv[2]))
