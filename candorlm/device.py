@@ -66,8 +66,11 @@ def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = None, n: int =
     """Measured dense matmul rate (FLOP/s) at size n in `dtype` (None: fp32), the machine's
     practical peak in the precision a run actually uses."""
     dt = dtype or torch.float32
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
+    # Its own generator: drawing from the global one would change the RNG state a checkpoint
+    # saves, depending on whether this process had measured before (it is cached).
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dt, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=g)
     for _ in range(2):
         a @ b
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -15,8 +15,8 @@ from candorlm.data.ledger import LedgerWriter, aggregate_counts, read_jsonl
 from candorlm.data.normalize import content_type, normalize_text
 from candorlm.data.reader import SourceReader
 from candorlm.data.sources import MB, assign, plan, resolve_source
-from candorlm.data.synthetic import code, prose
 from candorlm.errors import CandorError
+from synthetic import code, prose
 
 
 def read_all(spec: str, tmp_path, tasks: int = 1, max_doc_bytes: int = 8 * MB, chunk: int = 4 * MB, txt_chars=4096,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import sys
 import time
@@ -91,6 +92,7 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     say = (lambda *a: None) if (quiet or dist.rank != 0) else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     torch.manual_seed(tcfg.seed)
+    random.seed(tcfg.seed)  # checkpoints save Python's RNG too: it must come from the run, not the process
     model = Transformer(mcfg, device=device).to(device)
     state = {"step": 0, "max_steps": tcfg.max_steps, "tokens_seen": 0, "elapsed_s": 0.0}
     payload = None
