@@ -4,7 +4,8 @@ removal-by-axis table."""
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from candorlm.data import bias
 from candorlm.data.cda import swap_gender

@@ -2,7 +2,8 @@
 and the augmentation helper."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from candorlm.data import bias, cda
 from candorlm.data.cda import augment, mentions_gender, swap_gender

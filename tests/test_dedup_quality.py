@@ -23,10 +23,10 @@ import random
 
 import numpy as np
 import pytest
+from candorlm.data.curate_config import CurateConfig
 from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
 
 from candorlm.data.curate import curate
-from candorlm.data.curate_config import CurateConfig
 from candorlm.data.dedup import signature_step
 from candorlm.data.ledger import read_jsonl
 from synthetic import edit_words, prose

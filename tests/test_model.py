@@ -68,7 +68,7 @@ def test_fused_head_loss_matches_naive(softcap):
             torch.testing.assert_close(fused_head_loss(x, w, t, softcap, red), b.detach(), atol=1e-5, rtol=1e-5)
     ga = torch.autograd.grad(fused_head_loss(x, w, t, softcap).sum(), (x, w))
     gb = torch.autograd.grad(naive_head_loss(x, w, t, softcap).sum(), (x, w))
-    for u, v in zip(ga, gb):
+    for u, v in zip(ga, gb, strict=False):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 
 
@@ -87,13 +87,13 @@ def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
     for red in ("mean", "sum"):
         ga = torch.autograd.grad(fused_head_loss(x, w, t, softcap, red), (x, w))
         gb = torch.autograd.grad(naive_head_loss(x, w, t, softcap, red), (x, w))
-        for u, v in zip(ga, gb):
+        for u, v in zip(ga, gb, strict=False):
             torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
     # Per-token losses weighted unevenly, with gradients: the plain path.
     wts = torch.rand(333)
     ga = torch.autograd.grad((fused_head_loss(x, w, t, softcap, "none") * wts).sum(), (x, w))
     gb = torch.autograd.grad((naive_head_loss(x, w, t, softcap, "none") * wts).sum(), (x, w))
-    for u, v in zip(ga, gb):
+    for u, v in zip(ga, gb, strict=False):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
     with torch.no_grad():  # without: chunk by chunk (6 chunks of 64 rows), ignored rows 0
         per_token = fused_head_loss(x, w, t, softcap, "none")
@@ -172,7 +172,7 @@ def test_training_step_same_through_cpu_kernel_and_sdpa(monkeypatch, kw):
     lb, gb = loss_and_grads(sdpa, x)
     assert len(calls) == 2
     torch.testing.assert_close(la, lb)
-    for u, v in zip(ga, gb):
+    for u, v in zip(ga, gb, strict=False):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 
 
@@ -222,7 +222,7 @@ def test_unfused_qk_norm_rope_path_trains_the_same():
     la, ga = loss_and_grads(fused, x)
     lb, gb = loss_and_grads(plain, x)
     torch.testing.assert_close(la, lb)
-    for u, v in zip(ga, gb):
+    for u, v in zip(ga, gb, strict=False):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 
 
@@ -285,7 +285,7 @@ def test_compiled_training_step_equals_eager():
     torch._dynamo.reset()
     lc, gc = grads(torch.compile(m))
     torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
-    for a, b in zip(gc, ge):
+    for a, b in zip(gc, ge, strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 

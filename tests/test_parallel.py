@@ -51,7 +51,7 @@ class UnionBatches:
         self.parts = [TrainBatches(tokens, seq_len, batch_size // RANKS, seed, rank=r) for r in range(RANKS)]
 
     def get(self, step, micro=0):
-        xs, ys = zip(*(p.get(step, micro) for p in self.parts))
+        xs, ys = zip(*(p.get(step, micro) for p in self.parts), strict=False)
         return torch.cat(xs), torch.cat(ys)
 
 

@@ -1,16 +1,17 @@
 """PII scrubbing: planted items of every type are masked and counted; look-alikes are not."""
 
-import inspect
-import json
 import argparse
 import collections
+import inspect
+import json
 import os
 import subprocess
 import time
 import typing
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from candorlm.data import pii
 from candorlm.errors import CandorError

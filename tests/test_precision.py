@@ -104,7 +104,7 @@ def test_muon_newton_schulz_dtype():
     opts = [Muon(ours.parameters(), lr=0.02, ns_dtype=torch.bfloat16), torch.optim.Muon(stock.parameters(), lr=0.02)]
     x = torch.randn(8, 16)
     for _ in range(3):
-        for m, opt in zip((ours, stock), opts):
+        for m, opt in zip((ours, stock), opts, strict=False):
             m(x).square().sum().backward()
             opt.step()
             opt.zero_grad()

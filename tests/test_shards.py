@@ -46,7 +46,7 @@ def split_docs(tok, arr):
     starts = np.flatnonzero(arr == tok.bos_id)
     assert len(arr) == 0 or starts[0] == 0
     bounds = list(starts) + [len(arr)]
-    return [tok.decode(arr[a + 1:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [tok.decode(arr[a + 1:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
 
 
 def test_iter_documents_order_and_passthrough(tmp_path):

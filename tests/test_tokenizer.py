@@ -129,7 +129,8 @@ def test_load_errors(tmp_path):
 
 
 def test_load_rejects_foreign_tokenizer(tmp_path):
-    from tokenizers import Tokenizer as HFTok, models
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models
     HFTok(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(CandorError, match="not a candorlm tokenizer"):
         Tokenizer.load(tmp_path)

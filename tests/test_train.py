@@ -218,9 +218,8 @@ def test_failed_checkpoint_write_leaves_previous_loadable(micro_tokens, micro_to
 
 def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, micro_tokenizer, tmp_path):
     """SIGKILL at arbitrary moments of a run that checkpoints every step."""
-    from conftest import MICRO
-
     from candorlm.api import load
+    from conftest import MICRO
 
     sets = _set_args(MICRO + [("train.max_steps", "400"), ("train.save_every", "1"), ("train.eval_every", "0")])
     for i, delay in enumerate([0.3, 0.55, 0.8]):

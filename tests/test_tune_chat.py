@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-from conftest import micro_config, missing
 
 from candorlm.errors import CandorError
 from candorlm.model.io import write_model_files
@@ -24,6 +23,7 @@ from candorlm.model.transformer import Transformer
 from candorlm.tokenizer import Tokenizer
 from candorlm.tune.chat import Chat
 from candorlm.tune.chat_data import read_chats
+from conftest import micro_config, missing
 
 
 def _save(model, d, tokenizer_dir):

@@ -77,7 +77,7 @@ def _write_splits(documents_dir, tokenizer: Tokenizer, tmp: Path, dtype: np.dtyp
         files = {"train": f_train, "val": f_val}
         for docs, encoded in _encoded_batches(iter_documents(documents_dir), tokenizer, batch_docs):
             flat = {s: [] for s in SPLITS}
-            for doc, ids in zip(docs, encoded):
+            for doc, ids in zip(docs, encoded, strict=False):
                 h = _id_hash(seed, doc["id"])
                 if h < min_hash:
                     min_hash, min_id = h, doc["id"]

@@ -173,7 +173,7 @@ class Transformer(nn.Module):
         dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else x.dtype
         attention = {w: plan_attention(self.attention_backend, B, cfg.n_heads, T, start, w, slopes, idx.device, dtype)
                      for w in set(self.windows)}
-        for block, window in zip(self.layers, self.windows):
+        for block, window in zip(self.layers, self.windows, strict=False):
             x = block(x, rope, *attention[window], cache, start)
         if cache is not None:
             cache.length = start + T

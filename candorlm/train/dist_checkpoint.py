@@ -71,7 +71,7 @@ def load_optimizer_states(optimizers, states, model) -> None:
     elif is_sharded(model):
         _load_full_optimizer_states(states, model, optimizers)
     else:
-        for opt, st in zip(optimizers, states):
+        for opt, st in zip(optimizers, states, strict=False):
             opt.load_state_dict(st)
 
 
@@ -118,10 +118,10 @@ def _load_full_optimizer_states(states: list[dict], model, optimizers) -> None:
     # Activation checkpointing's wrapper is in the parameter names (not in state dicts).
     names = {id(p): n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters()}
     osd = {"state": {}, "param_groups": []}
-    for opt, st in zip(optimizers, states):
-        for group, saved in zip(opt.param_groups, st["param_groups"]):
+    for opt, st in zip(optimizers, states, strict=False):
+        for group, saved in zip(opt.param_groups, st["param_groups"], strict=False):
             fqns = [names[id(p)] for p in group["params"]]
-            for fqn, idx in zip(fqns, saved["params"]):
+            for fqn, idx in zip(fqns, saved["params"], strict=False):
                 if idx in st["state"]:
                     osd["state"][fqn] = st["state"][idx]
             osd["param_groups"].append({**saved, "params": fqns})

@@ -28,10 +28,10 @@ from candorlm.config import RunConfig, describe
 from candorlm.data.loader import TrainBatches, check_eval_split
 from candorlm.data.shards import load_meta, open_split
 from candorlm.device import autocast_dtype, configure_cpu_allocator, matmul_flops, precision_name
-from candorlm.errors import CandorError
-from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
 from candorlm.distributed import runtime
 from candorlm.distributed.parallelize import parallelize
+from candorlm.errors import CandorError
+from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
 from candorlm.model.transformer import Transformer
 from candorlm.train import checkpoint as ckpt
 from candorlm.train import dist_checkpoint

@@ -91,7 +91,7 @@ class Muon(torch.optim.Muon):
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
             ns = (group["ns_coefficients"], group["ns_steps"], group["eps"], self.ns_dtype)
-            for p, g, buf in zip(params, grads, bufs):  # as torch.optim._muon._single_tensor_muon
+            for p, g, buf in zip(params, grads, bufs, strict=False):  # as torch.optim._muon._single_tensor_muon
                 buf.lerp_(g, 1 - group["momentum"])
                 update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 if isinstance(update, DTensor):
