@@ -74,7 +74,8 @@ def cmd_data(args) -> None:
         print(f"submitted to {cfg.executor}; when the jobs finish, rerun the same command to collect the outputs")
         return
     print(json.dumps({k: stats.get(k) for k in ("read", "kept", "removed", "failed")}))
-    print(f"curated documents in {os.path.join(args.out, 'documents')}; data card: {os.path.join(args.out, 'DATA_CARD.md')}")
+    print(f"curated documents in {os.path.join(args.out, 'documents')}; "
+          f"data card: {os.path.join(args.out, 'DATA_CARD.md')}")
 
 
 def cmd_tokenizer(args) -> None:
@@ -147,12 +148,13 @@ def cmd_eval(args) -> None:
     from candorlm.model.io import load_model
 
     if args.seq_len < 0 or args.tokens < 1:
-        raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) and --tokens {args.tokens} >= 1")
+        raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) "
+                          f"and --tokens {args.tokens} >= 1")
     configure_cpu_allocator()
     model = load_model(args.model)
     seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens, 8,
-                     autocast_dtype("cpu", "auto"))
+    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens,
+                     8, autocast_dtype("cpu", "auto"))
     print(json.dumps(r))
 
 
@@ -211,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="curate raw text into a clean, deduplicated, documented corpus")
-    p.add_argument("--source", default="stdlib", help="stdlib, a directory, .txt, .jsonl(.gz), .parquet, or a saved dataset")
+    p.add_argument("--source", default="stdlib",
+                   help="stdlib, a directory, .txt, .jsonl(.gz), .parquet, or a saved dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--verbose", action="store_true", help="show the executor's logs (always in OUT/work/logs)")
     p.add_argument("--set", action="append", metavar="curate.FIELD=VALUE", default=[],

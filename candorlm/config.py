@@ -353,7 +353,8 @@ class ExportConfig(Section):
 
     def rules(self):
         for f in self.format_list():
-            yield f in EXPORT_FORMATS, f"export.formats={self.formats!r}: {f!r} is not one of {', '.join(EXPORT_FORMATS)}"
+            yield f in EXPORT_FORMATS, (f"export.formats={self.formats!r}: {f!r} is not one of "
+                                        f"{', '.join(EXPORT_FORMATS)}")
 
 
 @dataclass
@@ -464,7 +465,8 @@ def parse_set_args(items: list[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] | None = None, name: str = "demo") -> RunConfig:
+def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] | None = None,
+                 name: str = "demo") -> RunConfig:
     if preset not in PRESETS:
         raise CandorError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     cfg = RunConfig(name=name, preset=preset)

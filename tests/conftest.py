@@ -73,7 +73,8 @@ def micro_docs(tmp_path_factory) -> Path:
         for m in MODULES:
             p = stdlib / m
             if p.is_file():
-                f.write(json.dumps({"id": m, "text": p.read_text(encoding="utf-8"), "metadata": {"source": str(p)}}) + "\n")
+                f.write(json.dumps({"id": m, "text": p.read_text(encoding="utf-8"),
+                                    "metadata": {"source": str(p)}}) + "\n")
     return d
 
 

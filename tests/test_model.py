@@ -100,9 +100,11 @@ def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
         torch.testing.assert_close(per_token, naive_head_loss(x, w, t, softcap, "none"))
         assert (per_token[5::11] == 0).all()
     (gx,) = torch.autograd.grad(fused_head_loss(x, w.detach(), t, softcap), (x,))
-    torch.testing.assert_close(gx, torch.autograd.grad(naive_head_loss(x, w.detach(), t, softcap), (x,))[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gx, torch.autograd.grad(naive_head_loss(x, w.detach(), t, softcap), (x,))[0],
+                               atol=1e-5, rtol=1e-4)
     (gw,) = torch.autograd.grad(fused_head_loss(x.detach(), w, t, softcap), (w,))
-    torch.testing.assert_close(gw, torch.autograd.grad(naive_head_loss(x.detach(), w, t, softcap), (w,))[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, torch.autograd.grad(naive_head_loss(x.detach(), w, t, softcap), (w,))[0],
+                               atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(fused_head_loss(x, w, t, softcap), naive_head_loss(x, w, t, softcap))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -290,7 +292,8 @@ def test_compiled_training_step_equals_eager():
 
 
 @pytest.mark.parametrize("kw", [dict(pos_encoding=p) for p in POS] + [
-                                dict(window_pattern="SSSL", n_layers=4), dict(window_pattern="SL", pos_encoding="alibi"),
+                                dict(window_pattern="SSSL", n_layers=4),
+                                dict(window_pattern="SL", pos_encoding="alibi"),
                                 dict(mlp="relu2"), dict(mlp="gelu", norm="layernorm", qk_norm=False),
                                 dict(n_kv_heads=1), dict(n_kv_heads=4), dict(tie_embeddings=False),
                                 dict(logit_softcap=30.0), dict(pos_encoding="learned", mlp="gelu")])

@@ -164,7 +164,8 @@ def test_muon_under_fsdp_equals_one_process(micro_tokens, micro_tokenizer, tmp_p
     assert_weights_close(out, ref_muon, tol=MUON_TOL)
 
 
-@pytest.mark.parametrize("parallel,optimizer,tol,pos", [("tp", "adamw", TOL, "rope"), ("fsdp+tp", "muon", MUON_TOL, "rope"),
+@pytest.mark.parametrize("parallel,optimizer,tol,pos", [("tp", "adamw", TOL, "rope"),
+                                                         ("fsdp+tp", "muon", MUON_TOL, "rope"),
                                                          ("tp", "adamw", TOL, "alibi")])
 def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_path, parallel, optimizer, tol, pos):
     """Both ranks hold one replica between them, so they read the same batch: global batch B.

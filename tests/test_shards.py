@@ -33,7 +33,8 @@ def write_docs(d, docs, name="part-000.jsonl"):
 
 
 def corpus(tmp_path, n=60):
-    docs = [{"id": f"doc-{i}", "text": TEXTS[i % len(TEXTS)] + f"#{i}", "metadata": {"source": f"f{i}.py"}} for i in range(n)]
+    docs = [{"id": f"doc-{i}", "text": TEXTS[i % len(TEXTS)] + f"#{i}", "metadata": {"source": f"f{i}.py"}}
+            for i in range(n)]
     d = tmp_path / "documents"
     write_docs(d, docs[: n // 2], "a.jsonl")
     write_docs(d, docs[n // 2:], "b.jsonl.gz")

@@ -175,8 +175,9 @@ def test_bad_files_are_failures_with_reasons(tmp_path):
     os.mkfifo(root / "pipe")
     docs, fails, counts = read_all(str(root), tmp_path, max_doc_bytes=MB)
     reasons = {f["id"]: f["reason"] for f in fails}
-    assert reasons == {"blob.dat": "binary", "huge.dat": "binary", "latin1.txt": "invalid_utf8", "dangling.txt": "unreadable",
-                       "l1": "unreadable", "l2": "unreadable", "loop": "symlink_loop", "pipe": "not_regular_file"}
+    assert reasons == {"blob.dat": "binary", "huge.dat": "binary", "latin1.txt": "invalid_utf8",
+                       "dangling.txt": "unreadable", "l1": "unreadable", "l2": "unreadable", "loop": "symlink_loop",
+                       "pipe": "not_regular_file"}
     byid = {d.id: d for d in docs}
     assert set(byid) == {"ok.txt", "koi8.py", "empty.txt", "huge.txt"}
     assert hello in byid["koi8.py"].text  # PEP 263 declared encoding

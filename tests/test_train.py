@@ -86,8 +86,8 @@ def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, mic
         with pytest.raises(CandorError, match=change[0].replace(".", r"\.") + ".*checkpoint"):
             pretrain(micro_tokens, micro_tokenizer, out, micro_config(change), quiet=True, resume=True)
     assert all(torch.equal(before[k], v) for k, v in weights(out).items())  # refused before anything was written
-    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(every, ("train.max_steps", "16"), ("train.batch_size", "3")),
-                   quiet=True, resume=True)
+    res = pretrain(micro_tokens, micro_tokenizer, out,
+                   micro_config(every, ("train.max_steps", "16"), ("train.batch_size", "3")), quiet=True, resume=True)
     assert res["step"] == 16  # the new length, not the checkpoint's 12
     assert_resumed(out, 4, 16)
     # a longer context: no new weights under RoPE, so it trains on; learned positions would need them
@@ -96,7 +96,8 @@ def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, mic
     assert res["step"] == 18 and json.loads((out / "config.json").read_text())["model"]["max_seq_len"] == 128
     assert_resumed(out, 16, 18)
     learned = tmp_path / "learned"
-    pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned")), quiet=True, stop_at_step=2)
+    pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned")), quiet=True,
+             stop_at_step=2)
     with pytest.raises(CandorError, match="model.max_seq_len=128"):
         pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned"), *longer),
                  quiet=True, resume=True)
@@ -166,7 +167,8 @@ def test_ctrl_c_then_resume_equals_uninterrupted(micro_tokens, micro_tokenizer, 
     p = _cli(*common, "--out", str(tmp_path / "a"), *sets)
     log = tmp_path / "a" / "log.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+    while (time.time() < deadline and p.poll() is None
+           and not (log.is_file() and len(log.read_text().splitlines()) >= 3)):
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -178,7 +180,8 @@ def test_ctrl_c_then_resume_equals_uninterrupted(micro_tokens, micro_tokenizer, 
     assert p.returncode == 0, err
     assert_resumed(tmp_path / "a", state["step"], 60)
     first, resumed = processes(tmp_path / "a")
-    assert first["steps"] == list(range(1, state["step"] + 1)) and resumed["start"]["pid"] == p.pid != first["start"]["pid"]
+    assert (first["steps"] == list(range(1, state["step"] + 1))
+            and resumed["start"]["pid"] == p.pid != first["start"]["pid"])
     p = _cli(*common, "--out", str(tmp_path / "b"), *sets)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
@@ -227,7 +230,8 @@ def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, 
         p = _cli("pretrain", "--data", str(micro_tokens), "--tokenizer", str(micro_tokenizer), "--out", str(out), *sets)
         log = out / "log.jsonl"
         deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+        while (time.time() < deadline and p.poll() is None
+               and not (log.is_file() and len(log.read_text().splitlines()) >= 2)):
             time.sleep(0.01)  # the start record, then step 1's, right before its checkpoint
         time.sleep(delay)
         p.kill()

@@ -49,7 +49,8 @@ def load_train_state(out_dir: str | Path) -> tuple[dict, dict]:
     """Returns (state.json contents, torch payload with optimizer states and RNG)."""
     out_dir = Path(out_dir)
     if not has_checkpoint(out_dir):
-        raise CandorError(f"--resume: {out_dir} holds no checkpoint (no train_state/state.json); run without --resume to start fresh")
+        raise CandorError(f"--resume: {out_dir} holds no checkpoint (no train_state/state.json); "
+                          "run without --resume to start fresh")
     state = json.loads((out_dir / "train_state" / "state.json").read_text())
     payload = torch.load(out_dir / "train_state" / "optimizer.pt", map_location="cpu", weights_only=True)
     opt = payload["optimizers"]

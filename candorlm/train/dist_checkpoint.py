@@ -133,7 +133,8 @@ def _load_full_optimizer_states(states: list[dict], model, optimizers) -> None:
 # below admit only the classes DCP's index is made of and plain values (torch.load weights_only).
 _META = "torch.distributed.checkpoint.metadata"
 _SAFE_GLOBALS = {(_META, n) for n in ("Metadata", "TensorStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
-                                      "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex", "StorageMeta")} | {
+                                      "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                      "StorageMeta")} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")} | {

@@ -3,9 +3,9 @@
 
 The same loop runs in one process and under torchrun: distributed/parallelize.py wraps the
 model for DDP/FSDP/TP, distributed/runtime.py gives the ranks and a few collectives;
-train/dist_checkpoint.py saves and loads sharded states (docs/scaling.md). The time budget is train/budget.py, bits per byte
-evaluate/bpb.py, the optimizers and schedule train/optim.py. This module only orders them
-and writes `log.jsonl`.
+train/dist_checkpoint.py saves and loads sharded states (docs/scaling.md). The time budget is
+train/budget.py, bits per byte evaluate/bpb.py, the optimizers and schedule train/optim.py.
+This module only orders them and writes `log.jsonl`.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
         f"measured {precision_name(amp)} matmul peak {run.peak_flops / 1e9:.0f} GFLOP/s")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume and dist.rank == 0:
-        (out_dir / "log.jsonl").unlink(missing_ok=True)  # a log left by a run that never saved: this run's log starts fresh
+        # a log left by a run that never saved: this run's log starts fresh
+        (out_dir / "log.jsonl").unlink(missing_ok=True)
     run.write_log({"event": "start", "step": state["step"], "max_steps": state["max_steps"], "resumed": resume,
                    "pid": os.getpid(), "world_size": dist.world_size,
                    "optimizer_norm": dist_checkpoint.optimizer_state_norm(optimizers)})
