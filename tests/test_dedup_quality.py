@@ -10,7 +10,7 @@ text, n from CurateConfig) of the texts that stage was given (work/'s candidates
 against the hashes its signature step makes. A pair becomes a candidate with probability
 p = 1 - (1 - J^r)^b for b bands of r rows, so the number of b's removed is a sum of
 Bernoulli(p_i): it must lie in that distribution's central 99.9%, and the configured b x r must
-meet curate_config's targets. Rejected: a default that misses the targets (datatrove's 14 x 8
+meet CurateConfig's targets. Rejected: a default that misses the targets (datatrove's 14 x 8
 finds 5% at J = 0.5), a pipeline whose bands or rows are not the config's (18 bands of 8 rows
 removed 38 of 600 at J ~ 0.5, bound [0, 16]), shingles other than the config's, a dedup stage
 that removes nothing, both copies, or the first copy instead of the later ones.
@@ -23,9 +23,9 @@ import random
 
 import numpy as np
 import pytest
-from candorlm.data.curate_config import CurateConfig
 from datatrove.utils.text import TextNormConfig, ngrams, simplify_text
 
+from candorlm.config import CurateConfig
 from candorlm.data.curate import curate
 from candorlm.data.dedup import signature_step
 from candorlm.data.ledger import read_jsonl
@@ -134,7 +134,7 @@ def test_removals_follow_the_s_curve(curated, kind):
     assert np.all(np.abs(js - target) <= WINDOW + 1e-9)  # normalization left the texts as generated
     assert np.allclose(js, [pipeline_jaccard(sig, a, b) for a, b in pairs], rtol=0, atol=1e-9)
     ps = s_curve(js, cfg.minhash_bands, cfg.minhash_rows)
-    # the setting meets curate_config's targets: recall >= 0.95 from J = 0.85, <= 1% found up to J = 0.5
+    # the setting meets CurateConfig's targets: recall >= 0.95 from J = 0.85, <= 1% found up to J = 0.5
     b, r = cfg.minhash_bands, cfg.minhash_rows
     assert s_curve(np.array(0.85), b, r) >= 0.95 if kind == "hi" else s_curve(np.array(0.5), b, r) <= 0.01
     lo, hi = central_interval(ps, CONFIDENCE)
