@@ -180,8 +180,15 @@ def fused_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 def naive_head_loss(x, weight, targets, softcap: float = 0.0, reduction: str = "mean"):
-    """The plain computation: all logits in float32, then F.cross_entropy (targets -1 ignored)."""
+    """The plain computation: all logits in float32, then F.cross_entropy; targets < 0 are
+    ignored (0 loss, left out of the mean), as in the fused paths (-1 from the shards, -100 from
+    the chat loss masks)."""
     z = (x @ weight.t()).float()
     if softcap:
         z = softcap * torch.tanh(z / softcap)
-    return F.cross_entropy(z, targets, ignore_index=-1, reduction=reduction)
+    valid = targets >= 0
+    losses = F.cross_entropy(z, targets.clamp(min=0), reduction="none") * valid
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)
