@@ -20,8 +20,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from candorlm.config import CurateConfig  # noqa: E402
 from candorlm.data.curate import curate  # noqa: E402
-from candorlm.data.curate_config import CurateConfig  # noqa: E402
 
 TARGET_S = 90.0
 

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__file__)))
 
-from candorlm.data.curate_config import CurateConfig  # noqa: E402
+from candorlm.config import CurateConfig  # noqa: E402
 from candorlm.data.dedup import SpaceWordTokenizer  # noqa: E402
 
 CONFIGS = [(14, 8), (9, 13), (16, 10), (20, 10), (18, 11), (20, 11), (16, 12), (20, 12), (24, 12), (32, 12)]
@@ -74,7 +74,7 @@ def found(pairs, bands: int, rows: int, seed: int = 1) -> np.ndarray:
     hit = np.zeros(len(pairs), dtype=bool)
     for i, (a, b, _) in enumerate(pairs):
         sa, sb = sig.get_signature(sig.get_shingles(a)), sig.get_signature(sig.get_shingles(b))
-        hit[i] = any(x == y for x, y in zip(sa, sb))
+        hit[i] = any(x == y for x, y in zip(sa, sb, strict=False))
     return hit
 
 

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from candorlm.config import GenerationConfig
 from candorlm.generation import generate_ids
-from candorlm.model.io import load_model, resolve_device
+from candorlm.model.io import load_model, read_generation_config, resolve_device
 
 
 class LoadedModel:
-    """A model directory loaded for inference: the transformer, its tokenizer and defaults."""
+    """A model directory loaded for inference: the transformer, its tokenizer and its sampling
+    defaults (`generation_config`, a config.GenerationConfig read from generation_config.json)."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu"):
         from candorlm.tokenizer import Tokenizer
@@ -20,8 +21,7 @@ class LoadedModel:
         self.model_dir = Path(model_dir)
         self.model = load_model(model_dir, device=device)
         self.tokenizer = Tokenizer.load(self.model_dir)
-        gpath = self.model_dir / "generation_config.json"
-        self.generation_config = json.loads(gpath.read_text()) if gpath.is_file() else {}
+        self.generation_config = read_generation_config(self.model_dir)
         sp = self.tokenizer.special_ids
         self.stop_ids = {sp["bos"], sp["end"]}
 
@@ -31,9 +31,10 @@ class LoadedModel:
 
     def generate(self, prompt: str, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 heal: bool = True, repetition_penalty: float | None = None) -> str:
+                 heal: bool | None = None, repetition_penalty: float | None = None) -> str:
         """The completion of `prompt` (without the prompt). temperature=0 is greedy. Settings
-        left None take the model directory's generation_config.json."""
+        left None take the model directory's generation_config.json, then GenerationConfig's
+        defaults."""
         return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, heal, repetition_penalty))
 
     def _healing(self, ids: list[int]) -> tuple[list[int], torch.Tensor | None, bytes]:
@@ -50,26 +51,39 @@ class LoadedModel:
         return ids[:-1], allowed, tail
 
     def stream(self, prompt: str, max_new_tokens=None, temperature=None, top_k=None, top_p=None, seed=None,
-               heal: bool = True, repetition_penalty=None):
+               heal: bool | None = None, repetition_penalty=None):
         """Yield the completion as text pieces; bytes of a character split across tokens are
         held back until the character is whole. heal: token healing (see `_healing`)."""
-        g = self.generation_config
+        g = self.sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, heal=heal, repetition_penalty=repetition_penalty)
         ids = [self.tokenizer.bos_id] + self.tokenizer.encode(prompt)
         allowed, skip = None, b""
-        if heal:
+        if g.heal:
             ids, allowed, skip = self._healing(ids)
+        yield from self._text(generate_ids(self.model, ids, config=g, stop_ids=self.stop_ids, first_allowed=allowed),
+                              skip)
+
+    def stream_ids(self, ids: list[int], stop_ids: set[int] | None = None, **settings):
+        """`stream` from token ids as they are, without healing: for a chat rendered with
+        `tokenizer.render_chat(messages, add_generation_prompt=True)`, the answer, which ends
+        at the end-of-turn token. stop_ids: default `self.stop_ids` (<|bos|>, <|end|>);
+        settings: GenerationConfig's fields, None taking the model's generation_config.json."""
+        g = self.sampling(**settings)
+        tokens = generate_ids(self.model, ids, config=g, stop_ids=self.stop_ids if stop_ids is None else stop_ids)
+        yield from self._text(tokens, b"")
+
+    def sampling(self, **settings) -> GenerationConfig:
+        """The checked sampling settings: those given (not None) over the model directory's
+        generation_config.json over GenerationConfig's defaults."""
+        return self.generation_config.updated(**settings)
+
+    def _text(self, tokens, skip: bytes):
+        """Token ids to text pieces, holding back the bytes of a split character; `skip`: the
+        healed prompt bytes, which are the prompt's, not the completion's."""
         pending = b""
-        for tok in generate_ids(
-            self.model, ids,
-            max_new_tokens=g.get("max_new_tokens", 128) if max_new_tokens is None else max_new_tokens,
-            temperature=g.get("temperature", 0.8) if temperature is None else temperature,
-            top_k=g.get("top_k", 0) if top_k is None else top_k,
-            top_p=g.get("top_p", 1.0) if top_p is None else top_p,
-            repetition_penalty=g.get("repetition_penalty", 1.0) if repetition_penalty is None else repetition_penalty,
-            seed=seed, stop_ids=self.stop_ids, first_allowed=allowed,
-        ):
+        for tok in tokens:
             pending += self.tokenizer.id_to_bytes(tok)
-            if skip:  # the healed prompt bytes are the prompt's, not the completion's
+            if skip:
                 pending, skip = pending[len(skip):], b""
             try:
                 text = pending.decode("utf-8")
@@ -85,7 +99,7 @@ class LoadedModel:
 
 def load(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
     if resolve_device(device).type == "cpu":
-        from candorlm.train.hardware import configure_cpu_allocator
+        from candorlm.device import configure_cpu_allocator
 
         configure_cpu_allocator()
     return LoadedModel(model_dir, device=device)

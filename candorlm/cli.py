@@ -28,16 +28,54 @@ def _config(args, name: str = "demo"):
     return build_config(args.preset, parse_set_args(args.set), name=name)
 
 
+def add_section_flags(p: argparse.ArgumentParser, cls, title: str, description: str = "") -> None:
+    """One flag per field of the config dataclass `cls` (dict fields excepted: `--set` takes
+    those as JSON), named after the field (`--max-new-tokens`), its accepted values from the
+    field's hint: booleans get --x/--no-x, lists repeat, choices are listed. Unset flags are
+    None, so they leave the setting to whatever else decides it."""
+    from candorlm.fields import hints
+
+    g, defaults = p.add_argument_group(title, description), cls()
+    for name, f in hints(cls).items():
+        if f.kind is dict:
+            continue
+        key, flag = f"{cls.section}.{name}", "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        help_text = f"{key}: {f.accepts()} (default: {json.dumps(default)})".replace("%", "%%")
+        if f.kind is bool:
+            g.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.kind is list:
+            g.add_argument(flag, dest=key, action="append", default=None, metavar="VALUE",
+                           help=help_text + "; repeatable")
+        else:
+            g.add_argument(flag, dest=key, default=None, choices=f.choices or None,
+                           metavar=None if f.choices else name.upper(), help=help_text)
+
+
+def section_flags(args, cls) -> dict:
+    """{field: value} for the flags of `cls` given on the command line."""
+    from candorlm.fields import hints
+
+    return {name: v for name in hints(cls) if (v := getattr(args, f"{cls.section}.{name}", None)) is not None}
+
+
 def cmd_data(args) -> None:
+    from candorlm.config import CurateConfig, build_config, parse_set_args
     from candorlm.data import curate
 
-    stats = curate.curate(args.source, args.out, curate.config_from_args(args), workers=args.workers,
-                          executor=args.executor, verbose=args.verbose)
+    sets = parse_set_args(args.set)
+    other = [k for k, _ in sets if not k.startswith("curate.")]
+    if other:
+        raise CandorError(f"candor data takes curation settings (--set curate.FIELD=VALUE), not {', '.join(other)}")
+    flags = [(f"curate.{k}", v) for k, v in section_flags(args, CurateConfig).items()]
+    cfg = build_config(overrides=sets + flags).curate
+    stats = curate.curate(args.source, args.out, cfg, verbose=args.verbose)
     if stats.get("submitted"):
-        print(f"submitted to {args.executor}; when the jobs finish, rerun the same command to collect the outputs")
+        print(f"submitted to {cfg.executor}; when the jobs finish, rerun the same command to collect the outputs")
         return
     print(json.dumps({k: stats.get(k) for k in ("read", "kept", "removed", "failed")}))
-    print(f"curated documents in {os.path.join(args.out, 'documents')}; data card: {os.path.join(args.out, 'DATA_CARD.md')}")
+    print(f"curated documents in {os.path.join(args.out, 'documents')}; "
+          f"data card: {os.path.join(args.out, 'DATA_CARD.md')}")
 
 
 def cmd_tokenizer(args) -> None:
@@ -80,32 +118,43 @@ def unescape(text: str) -> str:
 
 def cmd_generate(args) -> None:
     from candorlm.api import load
+    from candorlm.config import GenerationConfig
+    from candorlm.fields import parse
 
+    settings = {k: parse(GenerationConfig, k, v, f"--{k.replace('_', '-')}") if isinstance(v, str) else v
+                for k, v in section_flags(args, GenerationConfig).items()}
     m = load(args.model)
     if args.prompt is None:
         prompt = sys.stdin.read()
     else:
         prompt = args.prompt if args.no_escape else unescape(args.prompt)
-    for piece in m.stream(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed,
-                          repetition_penalty=args.repetition_penalty):
+    for piece in m.stream(prompt, **settings):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
+def cmd_chat(args) -> None:
+    from candorlm.tune.chat import run_chat
+
+    run_chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+
+
 def cmd_eval(args) -> None:
     from candorlm.data.shards import open_split
+    from candorlm.device import autocast_dtype, configure_cpu_allocator
+    from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
     from candorlm.model.io import load_model
-    from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator
-    from candorlm.train.loop import evaluate_bpb, token_bytes_for
 
     if args.seq_len < 0 or args.tokens < 1:
-        raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) and --tokens {args.tokens} >= 1")
+        raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) "
+                          f"and --tokens {args.tokens} >= 1")
     configure_cpu_allocator()
     model = load_model(args.model)
     seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens, 8,
-                     autocast_dtype("cpu", "auto"))
+    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens,
+                     8, autocast_dtype("cpu", "auto"))
     print(json.dumps(r))
 
 
@@ -148,14 +197,12 @@ def cmd_prune(args) -> None:
 
 def cmd_run(args) -> None:
     from candorlm import pipeline
-    from candorlm.data import curate
     from candorlm.train.loop import threads_default
 
     threads_default()
     cfg = _config(args, name=args.name)
     cfg.data.source = args.source
-    s = pipeline.run(cfg, runs_dir=args.runs_dir, force=args.force, curate_cfg=curate.config_from_args(args),
-                     workers=args.workers, prompt=args.prompt)
+    s = pipeline.run(cfg, runs_dir=args.runs_dir, force=args.force, prompt=args.prompt)
     if s.get("interrupted"):
         print(f"interrupted; rerun the same command to resume from {s['run_dir']}/base")
         sys.exit(130)
@@ -178,16 +225,19 @@ def cmd_run(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from candorlm.data import curate
+    from candorlm.config import CurateConfig, GenerationConfig
 
     ap = argparse.ArgumentParser(prog="candor", description="candorlm: curate, tokenize, pretrain, generate.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="curate raw text into a clean, deduplicated, documented corpus")
-    p.add_argument("--source", default="stdlib", help="stdlib, a directory, .txt, .jsonl(.gz), .parquet, or a saved dataset")
+    p.add_argument("--source", default="stdlib",
+                   help="stdlib, a directory, .txt, .jsonl(.gz), .parquet, or a saved dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--verbose", action="store_true", help="show the executor's logs (always in OUT/work/logs)")
-    curate.add_cli_arguments(p)
+    p.add_argument("--set", action="append", metavar="curate.FIELD=VALUE", default=[],
+                   help="any curation setting, e.g. --set curate.pii=drop (repeatable)")
+    add_section_flags(p, CurateConfig, "curation", "each flag sets curate.FIELD, as --set curate.FIELD=VALUE does")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on curated documents")
@@ -216,15 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("prompt", nargs="?", help="the prompt; \\n, \\t, \\\\ are escapes (default: standard input, as is)")
     p.add_argument("--no-escape", action="store_true", help="take the prompt argument's backslashes literally")
-    # None: the model directory's generation_config.json decides (128 tokens, 0.8, 50, 0.95, 1.0 as written by pretrain)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    # flags left unset: the model directory's generation_config.json, then GenerationConfig's defaults
+    add_section_flags(p, GenerationConfig, "sampling", "unset: the model's generation_config.json decides")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="talk with a model in the terminal (/help lists the commands)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--system", default=None, help="the system prompt (/system TEXT changes it)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: generation_config.json)")
     p.add_argument("--temperature", type=float, default=None, help="0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="0: off")
     p.add_argument("--top-p", type=float, default=None, help="1: off")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 1 makes tokens already in the context less likely (1: off)")
     p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="validation bits-per-byte of a model on a token directory")
     p.add_argument("--model", required=True)
@@ -274,8 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--prompt", default="class")
-    _add_config_args(p)
-    curate.add_cli_arguments(p)
+    _add_config_args(p)  # curation settings too: --set curate.FIELD=VALUE
     p.set_defaults(func=cmd_run)
     return ap
 

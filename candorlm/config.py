@@ -1,83 +1,73 @@
 """Configuration for every stage: dataclasses, presets, and `--set section.field=value` overrides.
 
-Nothing here touches torch; every other module reads its settings from these classes.
+Each section is a dataclass whose type hints say what a field accepts (`Literal` choices,
+`Annotated` ranges: candorlm/fields.py); `check()` validates it. Nothing here touches torch or
+datatrove; every other module reads its settings from these classes.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
+from typing import Annotated, ClassVar, Literal
 
 from candorlm.errors import CandorError
-
-
-def check_at_least(section: str, obj, lows: dict[str, float], meaning: str = "") -> None:
-    """Raise a CandorError for the first field of obj below its lower bound."""
-    for name, low in lows.items():
-        v = getattr(obj, name)
-        if v < low:
-            raise CandorError(f"{section}.{name}={v} must be >= {low}" + (f" ({meaning})" if meaning else ""))
+from candorlm.fields import Section, hints, parse
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """A decoder-only transformer. The defaults are Qwen3's choices (RMSNorm, RoPE, GQA,
     SwiGLU, per-head QK-norm), so a default model exports to `transformers` unchanged."""
 
-    vocab_size: int = 8192
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2  # GQA: n_heads must be a multiple; 1 is MQA, n_heads is MHA
-    head_dim: int = 0  # 0: d_model // n_heads
-    d_ff: int = 0  # 0: derived by `resolved()` (SwiGLU: ~8/3 d_model rounded to 64; else 4 d_model)
-    max_seq_len: int = 512
-    pos_encoding: str = "rope"  # rope | alibi | learned | sinusoidal | none
-    rope_theta: float = 10000.0
-    norm: str = "rmsnorm"  # rmsnorm | layernorm
-    norm_eps: float = 1e-6
+    section: ClassVar[str] = "model"
+    vocab_size: Annotated[int, ">= 1"] = 8192
+    d_model: Annotated[int, ">= 1"] = 256
+    n_layers: Annotated[int, ">= 1"] = 4
+    n_heads: Annotated[int, ">= 1"] = 4
+    n_kv_heads: Annotated[int, ">= 1"] = 2  # GQA: n_heads must be a multiple; 1 is MQA, n_heads is MHA
+    head_dim: Annotated[int, ">= 0 (0: derived from d_model)"] = 0  # 0: d_model // n_heads
+    # 0: derived by `resolved()` (SwiGLU: ~8/3 d_model rounded to 64; else 4 d_model)
+    d_ff: Annotated[int, ">= 0 (0: derived from d_model)"] = 0
+    max_seq_len: Annotated[int, ">= 1"] = 512
+    pos_encoding: Literal["rope", "alibi", "learned", "sinusoidal", "none"] = "rope"
+    rope_theta: Annotated[float, "> 0"] = 10000.0
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    norm_eps: Annotated[float, "> 0"] = 1e-6
     qk_norm: bool = True
-    mlp: str = "swiglu"  # swiglu | relu2 | gelu
+    mlp: Literal["swiglu", "relu2", "gelu"] = "swiglu"
     tie_embeddings: bool = True
     # Sparse attention: a pattern of S (sliding window) and L (full context) tiled over the
     # layers, e.g. "SSSL"; the last layer is always L. "" means every layer is full.
     window_pattern: str = ""
-    window_size: int = 128
-    logit_softcap: float = 0.0  # 0: off; else logits = c * tanh(logits / c)
-    init_std: float = 0.02
+    window_size: Annotated[int, ">= 1"] = 128
+    logit_softcap: Annotated[float, ">= 0 (0: off)"] = 0.0  # else logits = c * tanh(logits / c)
+    init_std: Annotated[float, "> 0"] = 0.02
+    # How attention is computed (not what), resolved for the device the model is built for
+    # (model/attention.py). Weights do not depend on it.
+    attention_backend: Literal["auto", "sdpa", "cpu", "flex"] = "auto"
+
+    def rules(self):
+        yield (self.n_heads % self.n_kv_heads == 0,
+               f"model.n_heads={self.n_heads} must be a multiple of model.n_kv_heads={self.n_kv_heads}")
+        yield (set(self.window_pattern) <= {"S", "L"},
+               f"model.window_pattern={self.window_pattern!r} may only contain S (sliding) and L (full), e.g. SSSL")
+        yield (self.pos_encoding != "rope" or self.head_dim % 2 == 0,
+               f"rope needs an even head_dim, got {self.head_dim}")
 
     def resolved(self) -> "ModelConfig":
-        """A copy with derived fields (head_dim, d_ff) filled in and every field checked."""
+        """A checked copy with the derived fields (head_dim, d_ff) filled in."""
         c = dataclasses.replace(self)
-        check_at_least("model", c, dict.fromkeys(("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "max_seq_len"), 1))
-        check_at_least("model", c, {"head_dim": 0, "d_ff": 0}, "0: derived from d_model")
+        c.check_fields()  # the rules need head_dim, derived below
         if c.head_dim == 0:
             if c.d_model % c.n_heads:
-                raise CandorError(f"model.d_model={c.d_model} is not divisible by model.n_heads={c.n_heads}; set model.head_dim explicitly")
+                raise CandorError(f"model.d_model={c.d_model} is not divisible by model.n_heads={c.n_heads}; "
+                                  "set model.head_dim explicitly")
             c.head_dim = c.d_model // c.n_heads
         if c.d_ff == 0:
             # SwiGLU has three matrices, so 2/3 of 4*d keeps parameters equal to a 4*d GELU MLP
             # (Shazeer 2020); rounded up to a multiple of 64 for matmul efficiency.
             c.d_ff = (int(8 * c.d_model / 3) + 63) // 64 * 64 if c.mlp == "swiglu" else 4 * c.d_model
-        checks = [
-            (c.n_heads % c.n_kv_heads == 0, f"model.n_heads={c.n_heads} must be a multiple of model.n_kv_heads={c.n_kv_heads}"),
-            (c.pos_encoding in POS_ENCODINGS, f"model.pos_encoding={c.pos_encoding!r} is not one of {', '.join(POS_ENCODINGS)}"),
-            (c.mlp in MLPS, f"model.mlp={c.mlp!r} is not one of {', '.join(MLPS)}"),
-            (c.norm in NORMS, f"model.norm={c.norm!r} is not one of {', '.join(NORMS)}"),
-            (set(c.window_pattern) <= {"S", "L"}, f"model.window_pattern={c.window_pattern!r} may only contain S (sliding) and L (full), e.g. SSSL"),
-            (c.pos_encoding != "rope" or c.head_dim % 2 == 0, f"rope needs an even head_dim, got {c.head_dim}"),
-            ("S" not in c.window_pattern or c.window_size >= 1, f"model.window_size={c.window_size} must be >= 1 for sliding-window layers"),
-            (c.norm_eps > 0, f"model.norm_eps={c.norm_eps} must be > 0"),
-            (c.rope_theta > 0, f"model.rope_theta={c.rope_theta} must be > 0"),
-            (c.init_std > 0, f"model.init_std={c.init_std} must be > 0"),
-            (c.logit_softcap >= 0, f"model.logit_softcap={c.logit_softcap} must be >= 0 (0: off)"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise CandorError(msg)
-        return c
+        return c.check()
 
     def layer_windows(self) -> list[int]:
         """Per-layer attention window in tokens; 0 means full causal context."""
@@ -89,94 +79,282 @@ class ModelConfig:
         return w
 
 
-POS_ENCODINGS = ("rope", "alibi", "learned", "sinusoidal", "none")
-MLPS = ("swiglu", "relu2", "gelu")
-NORMS = ("rmsnorm", "layernorm")
-
-
 @dataclass
-class TrainConfig:
-    seq_len: int = 256
-    batch_size: int = 16  # sequences per micro-batch (per rank)
-    grad_accum: int = 1
-    max_steps: int = 1000
-    optimizer: str = "muon"  # muon | adamw
-    lr: float = 3e-3  # AdamW lr (embeddings, head, norms; every parameter with optimizer=adamw)
-    matrix_lr: float = 0.02  # Muon lr for 2-D hidden matrices (see train/optim.py)
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    warmup_steps: int = 20
-    decay_frac: float = 0.3  # warmup-stable-decay: the last 30% of steps decay linearly
-    min_lr_frac: float = 0.0
-    grad_clip: float = 1.0
-    dtype: str = "auto"  # auto | bf16 | fp32 (auto: bf16 autocast where the hardware has it)
+class TrainConfig(Section):
+    section: ClassVar[str] = "train"
+    seq_len: Annotated[int, ">= 1"] = 256
+    batch_size: Annotated[int, ">= 1"] = 16  # sequences per micro-batch (per rank)
+    grad_accum: Annotated[int, ">= 1"] = 1
+    max_steps: Annotated[int, ">= 0"] = 1000
+    optimizer: Literal["muon", "adamw"] = "muon"
+    lr: Annotated[float, ">= 0"] = 3e-3  # AdamW lr (embeddings, head, norms; every parameter with optimizer=adamw)
+    matrix_lr: Annotated[float, ">= 0"] = 0.02  # Muon lr for 2-D hidden matrices (see train/optim.py)
+    weight_decay: Annotated[float, ">= 0"] = 0.0
+    beta1: Annotated[float, "[0, 1)"] = 0.9
+    beta2: Annotated[float, "[0, 1)"] = 0.95
+    warmup_steps: Annotated[int, ">= 0"] = 20
+    decay_frac: Annotated[float, "[0, 1]"] = 0.3  # warmup-stable-decay: the last 30% of steps decay linearly
+    min_lr_frac: Annotated[float, "[0, 1]"] = 0.0
+    grad_clip: Annotated[float, ">= 0 (0: off)"] = 1.0
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the hardware has it
     compile: bool = False
-    eval_every: int = 100
-    eval_tokens: int = 65536
-    save_every: int = 200
-    log_every: int = 10
+    eval_every: Annotated[int, ">= 0 (0: off)"] = 100
+    eval_tokens: Annotated[int, ">= 1"] = 65536
+    save_every: Annotated[int, ">= 0 (0: off)"] = 200
+    log_every: Annotated[int, ">= 1"] = 10
     seed: int = 1337
-    time_budget_s: float = 0.0  # 0: none; else stop (with a final eval and save) after this long
-    parallel: str = "none"  # none | ddp | fsdp | tp | fsdp+tp (see model/parallel.py)
-    tp_size: int = 1
+    # else stop (with a final eval and save) after this long
+    time_budget_s: Annotated[float, ">= 0 (0: off)"] = 0.0
+    parallel: Literal["none", "ddp", "fsdp", "tp", "fsdp+tp"] = "none"  # see distributed/parallelize.py
+    tp_size: Annotated[int, ">= 1"] = 1
     activation_checkpointing: bool = False
-
-    def check(self) -> "TrainConfig":
-        """Raise a CandorError naming the first setting outside its accepted range."""
-        check_at_least("train", self, dict.fromkeys(("seq_len", "batch_size", "grad_accum", "eval_tokens", "log_every", "tp_size"), 1))
-        check_at_least("train", self, dict.fromkeys(("max_steps", "lr", "matrix_lr", "weight_decay", "warmup_steps"), 0))
-        check_at_least("train", self, dict.fromkeys(("grad_clip", "eval_every", "save_every", "time_budget_s"), 0), "0: off")
-        for name, top in (("beta1", "1)"), ("beta2", "1)"), ("decay_frac", "1]"), ("min_lr_frac", "1]")):
-            v = getattr(self, name)
-            if not (0 <= v < 1 if top == "1)" else 0 <= v <= 1):
-                raise CandorError(f"train.{name}={v} must be in [0, {top}")
-        for name, allowed in (("optimizer", OPTIMIZERS), ("dtype", DTYPES)):
-            if getattr(self, name) not in allowed:
-                raise CandorError(f"train.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        return self
-
-
-OPTIMIZERS = ("muon", "adamw")
-DTYPES = ("auto", "bf16", "fp32")
 
 
 TOKENIZER_MIN_VOCAB = 262  # tokenizer.SPECIAL_TOKENS (6) + the 256 byte tokens
 
 
 @dataclass
-class TokenizerConfig:
-    vocab_size: int = 8192
-    min_frequency: int = 2
-    max_train_bytes: int = 0  # 0: all documents; else a prefix of the corpus this many bytes long
+class TokenizerConfig(Section):
+    section: ClassVar[str] = "tokenizer"
+    vocab_size: Annotated[int, f">= {TOKENIZER_MIN_VOCAB} (6 special tokens + 256 bytes)"] = 8192
+    min_frequency: Annotated[int, ">= 0"] = 2
+    # else a prefix of the corpus this many bytes long
+    max_train_bytes: Annotated[int, ">= 0 (0: all documents)"] = 0
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
+    section: ClassVar[str] = "data"
     source: str = "stdlib"
-    val_fraction: float = 0.02  # of documents (whole files), chosen by a hash of their id
-    workers: int = 0  # 0: all cores
+    val_fraction: Annotated[float, "[0, 1)"] = 0.02  # of documents (whole files), chosen by a hash of their id
 
 
 @dataclass
-class ExportConfig:
-    """`candor run`'s optional last stage: exports of the base model (candorlm/export/)."""
+class GenerationConfig(Section):
+    """Sampling settings and their defaults, for every path that generates: `generation.generate_ids`,
+    the Python API, `candor generate`, and the generation_config.json of a model directory. A
+    setting given explicitly wins over the model directory's file, which wins over these."""
 
-    formats: str = ""  # comma-separated, of hf and gguf; "": none
-    gguf_type: str = "f32"  # f32 | f16 | q8_0
+    section: ClassVar[str] = "generation"
+    max_new_tokens: Annotated[int, ">= 0"] = 128
+    temperature: Annotated[float, ">= 0 (0: greedy)"] = 0.8
+    top_k: Annotated[int, ">= 0 (0: off)"] = 50
+    # Holtzman et al. 2020 found 0.9-0.95 the range where nucleus samples read most like human text
+    top_p: Annotated[float, "(0, 1] (1: off)"] = 0.95
+    repetition_penalty: Annotated[float, "> 0 (1: off)"] = 1.0  # CTRL's (Keskar et al. 2019)
+    seed: Annotated[int | None, "(none: a fresh seed each call)"] = None
+    heal: bool = True  # token healing: the prompt's last token is regenerated (see api.py)
 
-    def format_list(self) -> list[str]:
-        fmts = [f.strip() for f in self.formats.split(",") if f.strip()]
-        for f in fmts:
-            if f not in EXPORT_FORMATS:
-                raise CandorError(f"export.formats={self.formats!r}: {f!r} is not one of {', '.join(EXPORT_FORMATS)}")
-        if self.gguf_type not in GGUF_TYPES:
-            raise CandorError(f"export.gguf_type={self.gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
-        return fmts
+    def updated(self, **settings) -> "GenerationConfig":
+        """A checked copy with each setting given (not None) replacing this config's."""
+        unknown = sorted(set(settings) - set(hints(GenerationConfig)))
+        if unknown:
+            raise CandorError(f"unknown generation settings {unknown}: "
+                              f"accepted are {', '.join(hints(GenerationConfig))}")
+        return dataclasses.replace(self, **{k: v for k, v in settings.items() if v is not None}).check()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationConfig":
+        """The settings of a generation_config.json; keys that are not ours (Hugging Face's
+        do_sample, bos_token_id ...) are left for their readers."""
+        return cls().updated(**{k: v for k, v in d.items() if k in hints(cls)})
+
+
+# --- curation -----------------------------------------------------------------------------------
+# Every threshold a curation filter uses lives here, so stats.json and the data card can report the
+# exact values a corpus was made with; data/filters.py turns them into datatrove filters.
+
+def _gopher_quality() -> dict:
+    # Rae et al. 2021 (Gopher, arXiv:2112.11446, App. A.1.1), as datatrove ships them.
+    return dict(min_doc_words=50, max_doc_words=100_000, min_avg_word_length=3, max_avg_word_length=10,
+                max_symbol_word_ratio=0.1, max_bullet_lines_ratio=0.9, max_ellipsis_lines_ratio=0.3,
+                max_non_alpha_words_ratio=0.8, min_stop_words=2)
+
+
+def _gopher_repetition() -> dict:
+    # Gopher Table A1: duplicate line/paragraph fractions and top/duplicate n-gram character fractions.
+    return dict(dup_line_frac=0.3, dup_para_frac=0.3, dup_line_char_frac=0.2, dup_para_char_frac=0.2,
+                top_n_grams=[[2, 0.2], [3, 0.18], [4, 0.16]],
+                dup_n_grams=[[5, 0.15], [6, 0.14], [7, 0.13], [8, 0.12], [9, 0.11], [10, 0.10]])
+
+
+def _c4() -> dict:
+    # Raffel et al. 2020 (C4), with FineWeb's one change (Penedo et al. 2024): lines without
+    # terminal punctuation are kept, since dropping them removed too much good text.
+    return dict(split_paragraph=True, remove_citations=True, filter_no_terminal_punct=False,
+                min_num_sentences=5, min_words_per_line=3, max_word_length=1000, filter_lorem_ipsum=True,
+                filter_javascript=True, filter_curly_bracket=True, filter_policy=True)
+
+
+def _fineweb() -> dict:
+    # Penedo et al. 2024 (FineWeb, arXiv:2406.17557 §3.3): the three custom heuristics.
+    return dict(line_punct_thr=0.12, line_punct_exclude_zero=False, short_line_thr=0.67, short_line_length=30,
+                char_duplicates_ratio=0.01, new_line_ratio=0.3)
+
+
+def _text_sanity() -> dict:
+    # Broken text, not poor text (data/filters.py: TextSanityFilter). Fewer than 2 visible characters
+    # carry nothing ("42" is a whole fortune; "-" is a separator); one character in 100 lost to
+    # U+FFFD or unassigned/private code points means the bytes were decoded wrongly upstream; no
+    # English word or URL comes near 1000 characters without a space, base64 and hex dumps do.
+    return dict(min_chars=2, max_undecodable_frac=0.01, mojibake=True, max_run_chars=1000)
+
+
+PROSE_FILTERS = ("gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality")
+# What each curation preset switches on; a filter set explicitly (`--set curate.c4_quality=true`)
+# overrides its preset. web: FineWeb's web-crawl filters. curated: text someone already chose
+# (books, licenses, notes), where those filters remove good text: only what catches broken text.
+# code: source code, as the stdlib default has always been curated (prose filters never saw it).
+CURATE_PRESETS: dict[str, dict[str, bool]] = {
+    "web": {**dict.fromkeys(PROSE_FILTERS, True), "code_quality": True, "text_sanity": False},
+    "curated": {**dict.fromkeys(PROSE_FILTERS, False), "code_quality": False, "text_sanity": True},
+    "code": {**dict.fromkeys(PROSE_FILTERS, False), "code_quality": True, "text_sanity": False},
+}
+SPLITS = ("auto", "none", "blank", "percent", "regex:PATTERN")
+Switch = Annotated[bool | None, "(none: the preset decides)"]  # a filter on, off, or as CURATE_PRESETS says
+
+
+@dataclass
+class CurateConfig(Section):
+    section: ClassVar[str] = "curate"
+    # auto: code for the stdlib and directories mostly of source files, curated for other
+    # directories and .txt files, web for .jsonl/.parquet/saved datasets (data/curate.py: choose_preset)
+    preset: Literal["auto", "web", "curated", "code"] = "auto"
+
+    # --- reading and sharding ---
+    # How a .txt source (and, in a directory, each file that is not source code) becomes documents:
+    # auto: a single .txt is cut at blank lines into documents of >= txt_doc_chars, a directory's files
+    # are one document each; none: one document per file; blank: one per paragraph; percent: one per
+    # entry of a fortune file (entries end at a line holding only %); regex:PATTERN: a line matching
+    # PATTERN (the whole line) ends a document.
+    split: Annotated[str, "(auto, none, blank, percent or regex:PATTERN)"] = "auto"
+    # Output depends on `tasks` (how input is split), never on how many workers run them.
+    # 0: one task per `task_mb` of input (the stdlib, ~31 MB, gives 8 tasks), at most 1024.
+    tasks: Annotated[int, ">= 0 (0: one per task_mb of input)"] = 0
+    task_mb: Annotated[float, "> 0"] = 4.0
+    # Larger documents are removed as size:too_large before any work is spent on them (a single
+    # 200 MB line would take Gopher ~400 s). The largest stdlib file is 0.76 MB.
+    max_doc_mb: Annotated[float, "> 0"] = 8.0
+    # split=auto cuts a .txt source into documents of at least this many characters (one document
+    # per paragraph would fall under Gopher's 50-word minimum; one per file would give the
+    # tokenizer's validation split nothing to choose from).
+    txt_doc_chars: Annotated[int, ">= 1"] = 4096
+    workers: Annotated[int, ">= 0 (0: all cores)"] = 0
+    executor: Literal["local", "slurm", "ray"] = "local"
+
+    # --- normalization ---
+    fix_mojibake: bool = True  # ftfy; skipped for pure-ASCII text, which cannot contain mojibake
+
+    # --- quality filters (prose filters see only prose, code filters only code) ---
+    gopher_quality: Switch = None
+    gopher_repetition: Switch = None
+    c4_quality: Switch = None
+    fineweb_quality: Switch = None
+    code_quality: Switch = None
+    text_sanity: Switch = None  # every document, prose and code
+    # C4 also deletes lines (short, "javascript", cookie-policy) and joins the rest without blank
+    # lines: right for web pages, wrong for Markdown/reST structure. By default only its document
+    # decisions apply; True applies its line edits as published.
+    c4_rewrite_lines: bool = False
+    gopher_quality_args: dict = field(default_factory=_gopher_quality)
+    gopher_repetition_args: dict = field(default_factory=_gopher_repetition)
+    c4_quality_args: dict = field(default_factory=_c4)
+    fineweb_quality_args: dict = field(default_factory=_fineweb)
+    text_sanity_args: dict = field(default_factory=_text_sanity)
+    # In the spirit of StarCoder (Li et al. 2023, §3; The Stack, Kocetkov et al. 2022):
+    code_max_line_length: Annotated[int, ">= 1"] = 1000
+    code_max_mean_line_length: Annotated[float, "> 0"] = 100.0
+    code_min_alnum_frac: Annotated[float, "[0, 1]"] = 0.25
+    code_autogen_markers: list = field(default_factory=lambda: ["auto-generated", "autogenerated",
+                                                                "automatically generated", "do not edit"])
+    code_autogen_lines: Annotated[int, ">= 0"] = 5  # markers are looked for in this many first lines
+    # Paths exempt from the auto-generated check. The stdlib's pydoc_data/topics.py is Sphinx's
+    # "Autogenerated" help text: 0.76 MB of English documentation, kept on purpose.
+    code_autogen_exempt: list = field(default_factory=lambda: ["pydoc_data/topics.py"])
+    code_blob_max_chars: Annotated[int, ">= 1"] = 1024  # one base64/hex/escape run longer than this removes the file
+    code_blob_max_frac: Annotated[float, "[0, 1]"] = 0.5  # as does blob text over this fraction of the file
+
+    # --- PII, decontamination ---
+    pii: Literal["mask", "drop", "off"] = "mask"
+    decontaminate: bool = True
+    decontaminate_files: list = field(default_factory=list)  # extra eval sets: .jsonl (text) or .txt (a line each)
+    decontaminate_n: Annotated[int, ">= 1"] = 13  # n-gram length (GPT-3's decontamination used 13-grams)
+
+    # --- dedup ---
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    minhash_ngrams: Annotated[int, ">= 1"] = 5  # word 5-grams, as in datatrove and FineWeb
+    # bands x rows: the cheapest setting bench/dedup_quality.py finds meeting both targets with a
+    # two-standard-error margin (5,356 pairs): 18 x 11 (198 hashes) found 99.4% of pairs with
+    # Jaccard >= 0.85 (98.3% in [0.85, 0.90)) and 0.29% of pairs with J <= 0.5. datatrove's
+    # default 14 x 8 let 1.7% of J <= 0.5 pairs through. Threshold (1/b)^(1/r) = 0.769.
+    minhash_bands: Annotated[int, ">= 1"] = 18
+    minhash_rows: Annotated[int, ">= 1"] = 11
+    minhash_seed: int = 1
+
+    # --- audit and augmentation ---
+    bias_audit: bool = True
+    cda: Literal["none", "gender"] = "none"  # counterfactual augmentation, see candorlm/data/cda.py
+
+    # --- cluster executors (ignored by the local executor) ---
+    slurm_partition: str = ""
+    slurm_time: str = "04:00:00"
+    slurm_cpus_per_task: Annotated[int, ">= 1"] = 1
+    slurm_mem_per_cpu_gb: Annotated[int, ">= 1"] = 2
+    slurm_qos: str = ""
+    ray_cpus_per_task: Annotated[int, ">= 1"] = 1
+
+    def rules(self):
+        import re
+
+        ok = self.split in SPLITS[:-1] or (self.split.startswith("regex:") and len(self.split) > 6)
+        yield ok, f"curate.split={self.split!r} is not one of {', '.join(SPLITS)}"
+        if ok and self.split.startswith("regex:"):
+            try:
+                re.compile(self.split[6:])
+            except re.error as e:
+                yield False, f"curate.split={self.split!r}: the pattern is not a regular expression ({e})"
+
+    def resolved(self, preset: str) -> "CurateConfig":
+        """A checked copy for `preset` (web, curated or code): the filters left unset take the
+        preset's switches."""
+        c = dataclasses.replace(self, preset=preset)
+        for name, on in CURATE_PRESETS[preset].items():
+            if getattr(c, name) is None:
+                setattr(c, name, on)
+        return c.check()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def content_dict(self) -> dict:
+        """The settings that change what the curated corpus contains (for the fingerprint)."""
+        return {k: v for k, v in self.to_dict().items()
+                if not k.startswith(("slurm_", "ray_")) and k not in ("workers", "executor")}
+
+    def minhash_threshold(self) -> float:
+        """Jaccard similarity at which a pair becomes a candidate with probability ~1/2: (1/b)^(1/r)."""
+        return (1.0 / self.minhash_bands) ** (1.0 / self.minhash_rows)
 
 
 EXPORT_FORMATS = ("hf", "gguf")
-GGUF_TYPES = ("f32", "f16", "q8_0")
+
+
+@dataclass
+class ExportConfig(Section):
+    """`candor run`'s optional last stage: exports of the base model (candorlm/export/)."""
+
+    section: ClassVar[str] = "export"
+    formats: Annotated[str, "(comma-separated, of hf and gguf; empty: none)"] = ""
+    gguf_type: Literal["f32", "f16", "q8_0"] = "f32"
+
+    def format_list(self) -> list[str]:
+        return [f.strip() for f in self.formats.split(",") if f.strip()]
+
+    def rules(self):
+        for f in self.format_list():
+            yield f in EXPORT_FORMATS, (f"export.formats={self.formats!r}: {f!r} is not one of "
+                                        f"{', '.join(EXPORT_FORMATS)}")
 
 
 @dataclass
@@ -187,14 +365,39 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-# Presets: each is a set of overrides on the defaults above. Widths follow d_model = 64 * depth
-# with 64-dim heads (nanochat's rule); batch and schedule follow from the compute budget.
+# The shape rule (nanochat's, Karpathy 2025): one dial, the depth; the width is 64 per layer and
+# heads are 64 wide, so a model of depth L is L layers of 64 L with L heads. How many of those
+# heads share keys and values (GQA) stays each preset's choice.
+DEPTH_WIDTH, HEAD_WIDTH = 64, 64
+
+
+def shape_for_depth(depth: int) -> dict[str, int]:
+    """The model shape the depth rule gives: overrides for n_layers, d_model and n_heads."""
+    if depth < 1:
+        raise CandorError(f"depth={depth} must be >= 1")
+    d_model = DEPTH_WIDTH * depth
+    return {"model.n_layers": depth, "model.d_model": d_model, "model.n_heads": d_model // HEAD_WIDTH}
+
+
+def describe_shape(m: ModelConfig) -> str:
+    """One line: the model's shape and whether it follows the depth rule."""
+    rule = shape_for_depth(m.n_layers)
+    shape = f"{m.n_layers} layers x {m.d_model}, {m.n_heads} heads of {m.head_dim or m.d_model // m.n_heads}"
+    if (m.d_model, m.n_heads) == (rule["model.d_model"], rule["model.n_heads"]):
+        return f"shape: {shape} (the depth rule: d_model = {DEPTH_WIDTH} x depth, {HEAD_WIDTH}-dim heads)"
+    return (f"shape: {shape} (not the depth rule, which gives d_model {rule['model.d_model']} and "
+            f"{rule['model.n_heads']} heads at depth {m.n_layers})")
+
+
+# Presets: each is a set of overrides on the defaults above; batch and schedule follow from the
+# compute budget.
 PRESETS: dict[str, dict[str, object]] = {
     # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval) fits 15 min on 2
     # cores: the time budget fixes the step count after 6 timed steps (docs/benchmarks.md has
@@ -202,26 +405,28 @@ PRESETS: dict[str, dict[str, object]] = {
     # torch.compile: 0.44-0.47 s vs 0.60-0.62 s per step after ~30 s of compiling
     # (bench/train_throughput.py), so it pays for itself in under 2 min.
     "cpu-tiny": {
-        "model.d_model": 256, "model.n_layers": 4, "model.n_heads": 4, "model.n_kv_heads": 2,
+        **shape_for_depth(4), "model.n_kv_heads": 2,
         "model.max_seq_len": 256, "tokenizer.vocab_size": 8192,
         "train.seq_len": 256, "train.batch_size": 32, "train.max_steps": 100000,
         "train.time_budget_s": 600.0, "train.eval_every": 250, "train.save_every": 500,
         "train.compile": True,
     },
     "cpu-small": {
-        "model.d_model": 384, "model.n_layers": 6, "model.n_heads": 6, "model.n_kv_heads": 2,
+        **shape_for_depth(6), "model.n_kv_heads": 2,
         "model.max_seq_len": 512, "tokenizer.vocab_size": 16384,
         "train.seq_len": 512, "train.batch_size": 16, "train.max_steps": 5000,
         "train.eval_every": 250, "train.save_every": 500,
     },
     # GPT-2 small class (124M with a 50k vocab) for one GPU node.
     "gpt2-small": {
-        "model.d_model": 768, "model.n_layers": 12, "model.n_heads": 12, "model.n_kv_heads": 4,
+        **shape_for_depth(12), "model.n_kv_heads": 4,
         "model.max_seq_len": 1024, "tokenizer.vocab_size": 50304, "model.tie_embeddings": True,
         "train.seq_len": 1024, "train.batch_size": 32, "train.grad_accum": 16, "train.max_steps": 10000,
         "train.warmup_steps": 200, "train.eval_every": 500, "train.save_every": 1000, "train.parallel": "ddp",
     },
-    # ~1B parameters for FSDP2 on several GPUs.
+    # ~1B parameters for FSDP2 on several GPUs. Not the depth rule (which gives 1024 wide at 16
+    # layers): twice as wide, with 128-dim heads, Llama 3.2 1B's width and depth; fewer, wider
+    # layers shard into larger FSDP units.
     "1b": {
         "model.d_model": 2048, "model.n_layers": 16, "model.n_heads": 16, "model.n_kv_heads": 8,
         "model.max_seq_len": 2048, "tokenizer.vocab_size": 65536, "model.tie_embeddings": False,
@@ -233,41 +438,20 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-def _convert(value: str, typ, key: str):
-    try:
-        if typ is bool:
-            low = value.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if typ is int:
-            f = float(value)  # accepts 1e4
-            if f != int(f):
-                raise ValueError
-            return int(f)
-        if typ is float:
-            return float(value)
-    except ValueError:
-        raise CandorError(f"--set {key}={value}: expected {typ.__name__}") from None
-    return value
-
-
-SECTIONS = ("model", "train", "tokenizer", "data", "export")
+SECTIONS = ("model", "train", "tokenizer", "data", "curate", "export")
 
 
 def apply_override(cfg: RunConfig, key: str, value) -> None:
-    """Set `section.field` on cfg; strings are converted to the field's type."""
+    """Set `section.field` on cfg; strings are converted to the field's type (fields.parse)."""
     parts = key.split(".")
     if len(parts) != 2 or parts[0] not in SECTIONS:
         raise CandorError(f"unknown setting {key!r}: use section.field with section one of {', '.join(SECTIONS)}")
     section = getattr(cfg, parts[0])
-    hints = typing.get_type_hints(type(section))
-    if parts[1] not in hints:
-        raise CandorError(f"unknown setting {key!r}: {parts[0]} has {', '.join(sorted(hints))}")
+    names = hints(type(section))
+    if parts[1] not in names:
+        raise CandorError(f"unknown setting {key!r}: {parts[0]} has {', '.join(sorted(names))}")
     if isinstance(value, str):
-        value = _convert(value, hints[parts[1]], key)
+        value = parse(type(section), parts[1], value, key, current=getattr(section, parts[1]))
     setattr(section, parts[1], value)
 
 
@@ -281,7 +465,8 @@ def parse_set_args(items: list[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] | None = None, name: str = "demo") -> RunConfig:
+def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] | None = None,
+                 name: str = "demo") -> RunConfig:
     if preset not in PRESETS:
         raise CandorError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     cfg = RunConfig(name=name, preset=preset)
@@ -295,13 +480,10 @@ def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] |
         cfg.model.vocab_size = cfg.tokenizer.vocab_size
     if cfg.model.max_seq_len < cfg.train.seq_len:
         cfg.model.max_seq_len = cfg.train.seq_len
-    check_at_least("tokenizer", cfg.tokenizer, {"vocab_size": TOKENIZER_MIN_VOCAB}, "6 special tokens + 256 bytes")
-    check_at_least("tokenizer", cfg.tokenizer, {"min_frequency": 0, "max_train_bytes": 0})
+    cfg.tokenizer.check()
     cfg.model = cfg.model.resolved()
-    cfg.train.check()
-    cfg.export.format_list()
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise CandorError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1)")
+    for sec in ("train", "data", "curate", "export"):
+        getattr(cfg, sec).check()
     return cfg
 
 
@@ -313,10 +495,12 @@ def model_config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**d).resolved()
 
 
-def describe(cfg: RunConfig) -> str:
-    """The settings a run will use, one `section.field = value` per line, for printing at start."""
-    lines = [f"preset {cfg.preset}"]
-    for sec in SECTIONS:
+def describe(cfg: RunConfig, sections: tuple[str, ...] = ("model", "train", "tokenizer", "data")) -> str:
+    """The settings a run will use, one `section.field = value` per line, for printing at start;
+    the curation settings are printed by curation itself."""
+    lines = [f"preset {cfg.preset}; {describe_shape(cfg.model)}"]
+    for sec in sections:
         for k, v in dataclasses.asdict(getattr(cfg, sec)).items():
             lines.append(f"  {sec}.{k} = {json.dumps(v)}")
     return "\n".join(lines)
+

@@ -1,5 +1,6 @@
 """Autoregressive generation: sampling (temperature, top-k, top-p) over a KV-cached decode,
-and the full-recompute path it is tested against.
+and the full-recompute path it is tested against. Settings and their defaults are
+config.GenerationConfig's; this module only applies them.
 
 The serving engine (serve/) batches many requests over the same model; this module is the
 single-sequence reference.
@@ -7,33 +8,12 @@ single-sequence reference.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Iterator
 
 import torch
 
-from candorlm.errors import CandorError
+from candorlm.config import GenerationConfig
 from candorlm.model.attention import KVCache
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                   repetition_penalty: float = 1.0) -> None:
-    """Reject settings outside their meaning (a negative temperature would invert the
-    distribution; top_p 2 would quietly mean "off") with the accepted range."""
-    bad = []
-    if not (isinstance(max_new_tokens, numbers.Integral) and max_new_tokens >= 0):
-        bad.append(f"max_new_tokens={max_new_tokens!r} (an integer >= 0)")
-    if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature >= 0):
-        bad.append(f"temperature={temperature!r} (a number >= 0; 0 is greedy)")
-    if not (isinstance(top_k, numbers.Integral) and top_k >= 0):
-        bad.append(f"top_k={top_k!r} (an integer >= 0; 0 is off)")
-    if not (isinstance(top_p, numbers.Real) and 0 < top_p <= 1):
-        bad.append(f"top_p={top_p!r} (a number in (0, 1]; 1 is off)")
-    if not (isinstance(repetition_penalty, numbers.Real) and math.isfinite(repetition_penalty) and repetition_penalty > 0):
-        bad.append(f"repetition_penalty={repetition_penalty!r} (a number > 0; 1 is off)")
-    if bad:
-        raise CandorError("bad sampling setting: " + "; ".join(bad))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -66,19 +46,24 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
 
 
 @torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop_ids: set[int] | None = None,
-                 use_cache: bool = True, first_allowed: torch.Tensor | None = None,
-                 repetition_penalty: float = 1.0) -> Iterator[int]:
-    """Yield new token ids one at a time. use_cache=False recomputes the whole sequence each
-    step: the obviously-correct path. first_allowed: a bool mask over the vocabulary that the
-    first sampled token must satisfy (token healing). repetition_penalty: see
-    `penalize_repeats`; it counts the tokens in the context window, prompt and generated.
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop_ids: set[int] | None = None, use_cache: bool = True, first_allowed: torch.Tensor | None = None,
+                 repetition_penalty: float | None = None, config: GenerationConfig | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time. Sampling settings left None are `config`'s (default:
+    GenerationConfig()); a setting outside its range is a CandorError before any work.
+    use_cache=False recomputes the whole sequence each step: the obviously-correct path.
+    first_allowed: a bool mask over the vocabulary that the first sampled token must satisfy
+    (token healing). repetition_penalty: see `penalize_repeats`; it counts the tokens in the
+    context window, prompt and generated.
 
     The model sees at most its max_seq_len tokens (a longer prompt keeps its end). When the
     context is full, it shifts as llama.cpp's does: the last half of the tokens are kept and
     run again from position 0, so generation can go on past the context length."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    g = (config or GenerationConfig()).updated(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, seed=seed, repetition_penalty=repetition_penalty)
+    max_new_tokens, temperature, top_k, top_p = g.max_new_tokens, g.temperature, g.top_k, g.top_p
+    seed, repetition_penalty = g.seed, g.repetition_penalty
     model.eval()
     device = next(model.parameters()).device
     max_len = model.cfg.max_seq_len

@@ -77,6 +77,14 @@ CHAT_TEMPLATE = (
 )
 
 
+def with_chat_template(tokenizer_config: dict) -> dict:
+    """A copy of a `transformers` tokenizer_config.json dict with `CHAT_TEMPLATE` and the
+    special tokens it relies on (bos opens a chat, eos is `<|end|>`, the turn end a chat model
+    stops on), for every writer of a tokenizer_config (`Tokenizer.save`, exports)."""
+    return {**tokenizer_config, "chat_template": CHAT_TEMPLATE, "bos_token": "<|bos|>", "eos_token": "<|end|>",
+            "pad_token": "<|pad|>"}
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte→character map used by byte-level BPE (printable bytes map to themselves,
     the rest to U+0100 onwards). `tokenizers` applies it internally but does not expose it,
@@ -111,7 +119,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     `min_frequency` times). Word counting runs on all cores (Rust threads); merges are serial."""
     floor = len(SPECIAL_TOKENS) + 256
     if vocab_size < floor:
-        raise CandorError(f"tokenizer.vocab_size={vocab_size} is too small: it must be at least {floor} (6 special tokens + 256 bytes)")
+        raise CandorError(f"tokenizer.vocab_size={vocab_size} is too small: it must be at least {floor} "
+                          "(6 special tokens + 256 bytes)")
     tok = _new_backend()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -143,7 +152,8 @@ class Tokenizer:
         self._json = json_text if json_text is not None else backend.to_str(pretty=True)
         for i, t in enumerate(SPECIAL_TOKENS):
             if backend.token_to_id(t) != i:
-                raise CandorError(f"not a candorlm tokenizer: special token {t} should have id {i}, has {backend.token_to_id(t)}")
+                raise CandorError(f"not a candorlm tokenizer: special token {t} should have id {i}, "
+                                  f"has {backend.token_to_id(t)}")
         backend.encode_special_tokens = True  # see the module docstring; not serialized
         self._tok = backend
         self._bytes: list[bytes] | None = None
@@ -155,7 +165,8 @@ class Tokenizer:
         p = Path(path)
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.is_file():
-            raise CandorError(f"no tokenizer at {path}: expected a directory containing tokenizer.json, or the file itself")
+            raise CandorError(f"no tokenizer at {path}: "
+                              "expected a directory containing tokenizer.json, or the file itself")
         try:
             text = f.read_text(encoding="utf-8")
             backend = tokenizers.Tokenizer.from_str(text)
@@ -168,18 +179,14 @@ class Tokenizer:
         """Write tokenizer.json and a tokenizer_config.json for `transformers` (atomically each)."""
         d = Path(directory)
         atomic_write_text(d / "tokenizer.json", self._json)
-        atomic_write_json(d / "tokenizer_config.json", {
+        atomic_write_json(d / "tokenizer_config.json", with_chat_template({
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|bos|>",
-            "eos_token": "<|end|>",
-            "pad_token": "<|pad|>",
             "add_bos_token": False,
             "add_eos_token": False,
             # transformers' cleanup removes spaces before punctuation: decoding would not be lossless.
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000_000,
-            "chat_template": CHAT_TEMPLATE,
-        })
+        }))
 
     # --- encoding and decoding
 
@@ -248,7 +255,8 @@ class Tokenizer:
                 try:
                     table[i] = bytes(_CHAR_TO_BYTE[c] for c in token)
                 except KeyError:
-                    raise CandorError(f"not a byte-level tokenizer: token {i} {token!r} has a character outside the byte alphabet") from None
+                    raise CandorError(f"not a byte-level tokenizer: token {i} {token!r} "
+                                      "has a character outside the byte alphabet") from None
             self._bytes = table
         return self._bytes
 

@@ -1,10 +1,10 @@
 """Curation end to end on corpora made here: planted exact/near duplicates, PII and contamination
 are handled and nothing else is touched; every document is accounted for; 1 and 2 workers give
-identical bytes; bad inputs are counted with reasons; resume, completeness and executors."""
+identical bytes; bad inputs are counted with reasons; resume, completeness and executors; the
+curate settings reach curation from the command line."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -12,11 +12,11 @@ import random
 
 import pytest
 
-from candorlm.data.curate import add_cli_arguments, build_executors, config_from_args, curate, is_complete
-from candorlm.data.curate_config import CurateConfig
+from candorlm.config import CurateConfig
+from candorlm.data.curate import build_executors, curate, is_complete
 from candorlm.data.ledger import read_jsonl
-from candorlm.data.synthetic import code, edit_words, prose, sentence
 from candorlm.errors import CandorError
+from synthetic import code, edit_words, prose, sentence
 
 EMAIL, PHONE, TOKEN = "jane.doe@corpmail.net", "415-555-0132", "ghp_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3fG5"
 
@@ -297,14 +297,67 @@ def test_user_errors_are_one_line_candor_errors(tmp_path):
     assert e.value.code == 2
 
 
-def test_cli_options_map_to_config():
-    p = argparse.ArgumentParser()
-    add_cli_arguments(p)
-    cfg = config_from_args(p.parse_args(["--pii", "drop", "--no-dedup", "--no-c4-quality", "--cda", "gender",
-                                         "--decontaminate", "x.txt", "--minhash-bands", "9"]))
-    assert cfg.pii == "drop" and not cfg.exact_dedup and not cfg.near_dedup and not cfg.c4_quality
-    assert cfg.cda == "gender" and cfg.decontaminate_files == [os.path.abspath("x.txt")] and cfg.minhash_bands == 9
-    assert config_from_args(p.parse_args([])) == CurateConfig()
+class _Stop(Exception):
+    pass
+
+
+def _capture_curate(monkeypatch) -> list:
+    """Replace curation with a recorder of the config it is given (and a stop for `candor run`)."""
+    import candorlm.data.curate as curation
+
+    seen = []
+
+    def fake(source, out, cfg=None, *args, **kw):
+        seen.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(curation, "curate", fake)
+    monkeypatch.setattr(curation, "is_complete", lambda *a, **k: False)
+    return seen
+
+
+def test_cli_flags_and_set_reach_curation(monkeypatch, tmp_path):
+    from candorlm.cli import main
+
+    seen = _capture_curate(monkeypatch)
+    with pytest.raises(_Stop):
+        main(["data", "--source", "stdlib", "--out", str(tmp_path / "d"), "--pii", "drop", "--no-exact-dedup",
+              "--no-c4-quality", "--cda", "gender", "--decontaminate-files", "x.txt", "--minhash-bands", "9",
+              "--set", "curate.split=percent", "--set", "curate.preset=curated", "--workers", "1"])
+    cfg = seen[-1]
+    assert cfg.pii == "drop" and not cfg.exact_dedup and cfg.near_dedup and cfg.c4_quality is False
+    assert cfg.cda == "gender" and cfg.decontaminate_files == ["x.txt"] and cfg.minhash_bands == 9
+    assert cfg.split == "percent" and cfg.preset == "curated" and cfg.workers == 1
+    with pytest.raises(_Stop):
+        main(["data", "--source", "stdlib", "--out", str(tmp_path / "d")])
+    assert seen[-1] == CurateConfig()
+    # `candor run --set curate.*` reaches the pipeline's curation
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("text\n")
+    with pytest.raises(_Stop):
+        main(["run", "--source", str(tmp_path / "src"), "--runs-dir", str(tmp_path / "runs"),
+              "--set", "curate.pii=drop", "--set", "curate.text_sanity=false"])
+    assert seen[-1].pii == "drop" and seen[-1].text_sanity is False
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["data", "--source", "stdlib", "--out", "o", "--set", "curate.pii=nope"],
+     "curate.pii=nope: choose one of mask, drop, off"),
+    (["run", "--set", "curate.preset=books"], "curate.preset=books: choose one of auto, web, curated, code"),
+    (["data", "--source", "stdlib", "--out", "o", "--split", "commas"],
+     "curate.split='commas' is not one of auto, none, blank, percent, regex:PATTERN"),
+    (["data", "--source", "stdlib", "--out", "o", "--set", "curate.split=regex:(x"], "not a regular expression"),
+    (["data", "--source", "stdlib", "--out", "o", "--set", "train.lr=1"], "takes curation settings"),
+])
+def test_bad_curate_settings_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
+    from candorlm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("candor: error: ") and message in err, err
+    assert not (tmp_path / "o").exists() and not (tmp_path / "runs").exists()
 
 
 def test_cda_adds_swapped_copies_and_audit_is_reported(tmp_path):
@@ -385,6 +438,113 @@ def test_slurm_and_ray_executors_get_the_same_pipelines(tmp_path):
         assert all(isinstance(e, cls) for e in exs.values())
         assert [e.world_size for e in exs.values()] == [4, cfg.minhash_bands, 1, 4]
         assert exs["final"].depends is exs["decide"] and exs["process"].pipeline is phases["process"]
-    with pytest.raises(CandorError, match="slurm-partition"):
+    with pytest.raises(CandorError, match="curate.slurm_partition"):
         build_executors(phases, CurateConfig(), str(tmp_path / "work"), 4, 8, "slurm")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets that suit the source, and splitting text files into entries
+
+
+def test_the_preset_follows_the_source_unless_set(tmp_path):
+    from candorlm.data.curate import choose_preset
+    from candorlm.data.sources import plan, resolve_source
+
+    rng = random.Random(12)
+    (tmp_path / "py").mkdir()
+    (tmp_path / "notes").mkdir()
+    for i in range(3):
+        (tmp_path / "py" / f"m{i}.py").write_text(code(rng))
+        (tmp_path / "notes" / f"n{i}.txt").write_text(prose(rng))
+    (tmp_path / "py" / "README.md").write_text(prose(rng, 3))  # a little prose in a code directory
+    (tmp_path / "a.txt").write_text(prose(rng))
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+
+    def chosen(spec, **kw):
+        src = resolve_source(spec)
+        return choose_preset(CurateConfig(**kw), src, plan(src, 1 << 22))[0]
+
+    assert [chosen(s) for s in ("stdlib", str(tmp_path / "py"), str(tmp_path / "notes"), str(tmp_path / "a.txt"),
+                                str(tmp_path / "a.jsonl"))] == ["code", "code", "curated", "curated", "web"]
+    assert chosen("stdlib", preset="web") == "web"
+    # a filter set explicitly wins over its preset; the others follow it
+    cfg = CurateConfig(c4_quality=True).resolved("curated")
+    assert cfg.c4_quality and cfg.text_sanity and not cfg.gopher_quality and not cfg.code_quality
+    web = CurateConfig().resolved("web")
+    assert not web.text_sanity and all(getattr(web, k) for k in ("gopher_quality", "gopher_repetition", "c4_quality",
+                                                                 "fineweb_quality", "code_quality"))
+
+
+def test_text_sanity_removes_broken_text_only():
+    from datatrove.data import Document
+
+    from candorlm.data.filters import TextSanityFilter
+    from candorlm.data.normalize import normalize_text
+
+    f = TextSanityFilter()
+    rng = random.Random(13)
+    # what the web filters remove and this one keeps: short, list-like, repetitive, code
+    for text in ("42\n", "Yow!\n", "- one\n- two\n", "na " * 300, code(rng),
+                 "Caf\u00e9 cr\u00e8me, na\u00efve \u00c5ngstr\u00f6m.\n"):
+        assert f.filter(Document(text=text, id="x")) is True, text[:40]
+    broken = {
+        "near_empty": "-\n",
+        "binary_looking": "data: " + "QUJD" * 400 + "\n",
+        "undecodable": "caf\ufffd na\ufffdve " * 20 + prose(rng, 2),
+        # UTF-8 quotes read as cp1252 twice, a byte lost: normalization's ftfy repairs only some of it
+        "mojibake": "The Ã¢â‚¬Å“bestÃ¢â‚¬Â prices Ã¢â‚¬Å“everÃ¢â‚¬Â.\n",
+    }
+    for reason, text in broken.items():
+        assert f.filter(Document(text=normalize_text(text), id="x")) == (False, reason), reason
+
+
+LICENSES = "/usr/share/common-licenses"
+
+
+def test_plain_english_licenses_survive_the_curated_preset(tmp_path):
+    """FineWeb's web filters remove Apache-2.0 and Artistic (char_dup_ratio) and both MPLs
+    (gopher_below_alpha_threshold); a directory of prose is curated by default, which keeps them."""
+    if not os.path.isdir(LICENSES):
+        from conftest import missing
+
+        missing(LICENSES + " (Debian's base-files)")
+    wanted = {"Apache-2.0", "Artistic", "MPL-1.1", "MPL-2.0"}
+    stats = curate(LICENSES, str(tmp_path / "curated"), CurateConfig(), workers=1, quiet=True)
+    assert stats["preset"]["name"] == "curated" and stats["accounting_ok"]
+    assert wanted <= set(_docs(tmp_path / "curated"))
+    assert not any(r.split(":")[0] in ("gopher_quality", "fineweb_quality") for r in stats["removed"])
+    assert "Preset: curated (auto: " in (tmp_path / "curated" / "DATA_CARD.md").read_text()
+    curate(LICENSES, str(tmp_path / "web"), CurateConfig(preset="web"), workers=1, quiet=True)
+    assert not wanted & set(_docs(tmp_path / "web"))  # the failure the curated preset avoids
+
+
+def _fortunes(rng: random.Random, n: int) -> list[str]:
+    """Quotes as fortune files hold them: one to three sentences, some in two paragraphs, some
+    attributed, a few a word or two long."""
+    quotes = []
+    for i in range(n):
+        q = " ".join(sentence(rng, 4, 12) for _ in range(rng.randint(1, 3)))
+        if i % 5 == 1:
+            q += "\n\n" + sentence(rng, 3, 8)
+        if i % 4 == 2:
+            q += f"\n\t\t-- {rng.choice(prose(rng, 1).split()).capitalize()} {rng.randint(1800, 1999)}"
+        quotes.append(q + "\n")
+    return quotes + ["42\n", "Yow!\n"]
+
+
+def test_a_fortune_file_split_on_percent_is_one_document_per_quote(tmp_path):
+    rng = random.Random(14)
+    quotes = _fortunes(rng, 40)
+    src = tmp_path / "fortunes.txt"
+    src.write_text("%\n".join(quotes) + "%\n")
+    cfg = CurateConfig(split="percent")
+    stats = curate(str(src), str(tmp_path / "out"), cfg, workers=1, quiet=True)
+    assert stats["preset"] == {"name": "curated", "why": "auto: a text file"}
+    assert stats["read"] == len(quotes) and stats["kept"] == len(quotes), stats["removed"]
+    docs = _docs(tmp_path / "out")
+    assert [docs[f"fortunes.txt#{i + 1}"]["text"] for i in range(len(quotes))] == quotes
+    assert docs["fortunes.txt#3"]["metadata"]["index"] == 3
+    # the web preset removes most of them, as it did the Debian fortunes (41 of 43 files)
+    web = curate(str(src), str(tmp_path / "web"), CurateConfig(split="percent", preset="web"), workers=1, quiet=True)
+    assert web["kept"] < len(quotes) // 4

@@ -11,7 +11,8 @@ from conftest import micro_config
 @pytest.fixture(scope="module")
 def micro_model(micro_tokens, micro_tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp("gen") / "m"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "20"), ("train.eval_every", "0")), quiet=True)
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "20"), ("train.eval_every", "0")),
+             quiet=True)
     return out
 
 
@@ -141,11 +142,13 @@ def test_token_healing_regenerates_the_last_prompt_token(micro_model):
     assert base == ids[:-1] and tail == m.tokenizer.id_to_bytes(ids[-1]) and tail
     picked = allowed.nonzero().flatten().tolist()
     special = set(m.tokenizer.special_ids.values())
-    scan = [i for i in range(m.tokenizer.vocab_size) if i not in special and m.tokenizer.id_to_bytes(i).startswith(tail)]
+    scan = [i for i in range(m.tokenizer.vocab_size)
+            if i not in special and m.tokenizer.id_to_bytes(i).startswith(tail)]
     assert ids[-1] in picked and picked == scan
     for prefix in (b"", b" ", b"de", b"\xff", b"zzzzzzzz"):  # the bisection agrees with a scan everywhere
         assert sorted(m.tokenizer.ids_starting_with(prefix)) == [
-            i for i in range(m.tokenizer.vocab_size) if i not in special and m.tokenizer.id_to_bytes(i).startswith(prefix)]
+            i for i in range(m.tokenizer.vocab_size)
+            if i not in special and m.tokenizer.id_to_bytes(i).startswith(prefix)]
     out = list(generate_ids(m.model, base, 8, temperature=0, first_allowed=allowed, stop_ids=m.stop_ids))
     raw = b"".join(m.tokenizer.id_to_bytes(i) for i in out)
     assert raw.startswith(tail)
@@ -183,3 +186,34 @@ def test_damaged_model_directories_are_clear_errors(micro_model, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(CandorError, match="CUDA is not available"):
             candorlm.load(micro_model, device="cuda")
+
+
+def test_sampling_defaults_come_from_one_place(micro_model, tmp_path):
+    """generation_config.json is written from GenerationConfig; a setting given explicitly wins
+    over the file, which wins over GenerationConfig's defaults (also for a directory without one)."""
+    import dataclasses
+    import json
+    import shutil
+
+    import candorlm
+    from candorlm.config import GenerationConfig
+
+    gpath = micro_model / "generation_config.json"
+    assert json.loads(gpath.read_text()) == dataclasses.asdict(GenerationConfig())
+    assert candorlm.load(micro_model).generation_config == GenerationConfig()
+    d = tmp_path / "m"
+    shutil.copytree(micro_model, d)
+    (d / "generation_config.json").unlink()
+    assert candorlm.load(d).generation_config == GenerationConfig()
+    # top_k=1 in the file makes sampling greedy whatever the seed; an explicit top_k=0 does not
+    (d / "generation_config.json").write_text(json.dumps({"top_k": 1, "temperature": 1.5, "max_new_tokens": 10}))
+    m = candorlm.load(d)
+    greedy = m.generate("def ", temperature=0)
+    assert greedy == m.generate("def ", temperature=0, max_new_tokens=10)
+    assert all(m.generate("def ", seed=s) == greedy for s in range(3))
+    assert any(m.generate("def ", seed=s, top_k=0) != greedy for s in range(5))
+    (d / "generation_config.json").write_text(json.dumps({"top_p": 2.0}))
+    from candorlm.errors import CandorError
+
+    with pytest.raises(CandorError, match="generation_config.json: generation.top_p=2.0 must be in"):
+        candorlm.load(d)

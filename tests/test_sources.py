@@ -15,11 +15,12 @@ from candorlm.data.ledger import LedgerWriter, aggregate_counts, read_jsonl
 from candorlm.data.normalize import content_type, normalize_text
 from candorlm.data.reader import SourceReader
 from candorlm.data.sources import MB, assign, plan, resolve_source
-from candorlm.data.synthetic import code, prose
 from candorlm.errors import CandorError
+from synthetic import code, prose
 
 
-def read_all(spec: str, tmp_path, tasks: int = 1, max_doc_bytes: int = 8 * MB, chunk: int = 4 * MB, txt_chars=4096):
+def read_all(spec: str, tmp_path, tasks: int = 1, max_doc_bytes: int = 8 * MB, chunk: int = 4 * MB, txt_chars=4096,
+             split: str = "auto"):
     """(documents, failure records) for a source, read through the real reader step."""
     src = resolve_source(spec)
     work = str(tmp_path / f"work{random.random()}")
@@ -30,7 +31,8 @@ def read_all(spec: str, tmp_path, tasks: int = 1, max_doc_bytes: int = 8 * MB, c
     docs = []
     for rank in range(tasks):
         reader = SourceReader(os.path.join(work, "manifest.json"), src.name,
-                              LedgerWriter(work, "process", "read_error", "failed"), work, max_doc_bytes, txt_chars)
+                              LedgerWriter(work, "process", "read_error", "failed"), work, max_doc_bytes, txt_chars,
+                              split)
         docs += list(reader.run(None, rank, tasks))
     fails = []
     d = os.path.join(work, "parts", "process", "read_error")
@@ -173,8 +175,9 @@ def test_bad_files_are_failures_with_reasons(tmp_path):
     os.mkfifo(root / "pipe")
     docs, fails, counts = read_all(str(root), tmp_path, max_doc_bytes=MB)
     reasons = {f["id"]: f["reason"] for f in fails}
-    assert reasons == {"blob.dat": "binary", "huge.dat": "binary", "latin1.txt": "invalid_utf8", "dangling.txt": "unreadable",
-                       "l1": "unreadable", "l2": "unreadable", "loop": "symlink_loop", "pipe": "not_regular_file"}
+    assert reasons == {"blob.dat": "binary", "huge.dat": "binary", "latin1.txt": "invalid_utf8",
+                       "dangling.txt": "unreadable", "l1": "unreadable", "l2": "unreadable", "loop": "symlink_loop",
+                       "pipe": "not_regular_file"}
     byid = {d.id: d for d in docs}
     assert set(byid) == {"ok.txt", "koi8.py", "empty.txt", "huge.txt"}
     assert hello in byid["koi8.py"].text  # PEP 263 declared encoding
@@ -182,3 +185,28 @@ def test_bad_files_are_failures_with_reasons(tmp_path):
     assert byid["huge.txt"].metadata["bytes"] == 3 * MB
     assert [f["bytes"] for f in fails if f["id"] == "huge.dat"] == [2 * MB]
     assert counts["process/read"]["read"]["docs"] == len(docs) + len(fails)
+
+
+def test_split_cuts_plain_text_files_into_entries(tmp_path):
+    from candorlm.data.reader import split_entries
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    quotes = ["A short quote.\n", "Two paragraphs\n\nin one entry.\n\t\t-- Someone\n", "42\n"]
+    (root / "quotes.txt").write_text("%\n".join(quotes) + "%\n")  # a final % leaves no empty entry
+    (root / "fortunes.u8").write_text("%\nFirst.\n%\n%\nSecond.\n")  # named as Debian's fortune files are
+    (root / "tool.py").write_text("x = 1\n%\ny = 2\n")  # source code: one document
+    docs, fails, _ = read_all(str(root), tmp_path, split="percent")
+    assert not fails
+    assert [d.id for d in docs] == ["fortunes.u8#1", "fortunes.u8#2", "quotes.txt#1", "quotes.txt#2", "quotes.txt#3",
+                                    "tool.py"]
+    assert [d.text for d in docs[2:5]] == quotes
+    assert (docs[3].metadata["line"], docs[3].metadata["index"], docs[3].metadata["bytes"]) == (3, 2, len(quotes[1]))
+    assert [d.id for d in read_all(str(root), tmp_path, split="none")[0]] == ["fortunes.u8", "quotes.txt", "tool.py"]
+    # a single .txt source; blank lines and a regex as separators
+    docs, _, _ = read_all(str(root / "quotes.txt"), tmp_path, split="percent")
+    assert [d.text for d in docs] == quotes
+    text = "one\n\n\ntwo\nlines\n   \nthree\n"
+    assert list(split_entries(text, "blank")) == [(1, 1, "one\n"), (2, 4, "two\nlines\n"), (3, 7, "three\n")]
+    text = "a\n-----\nb\n--\nc\n"
+    assert [e for _, _, e in split_entries(text, "regex:-{3,}")] == ["a\n", "b\n--\nc\n"]

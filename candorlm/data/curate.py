@@ -9,13 +9,14 @@ Phases (each a datatrove executor; tasks are fixed by the input, workers only ru
   decide   exact groups + near clusters -> what to remove (keep the first)       [1 task]
   final    candidates -> dedup filter -> bias audit -> CDA -> documents          [tasks]
   finalize move documents, merge removed/, stats.json, DATA_CARD.md             [1 task]
-Completion markers in work/logs/<phase>/completions let an interrupted run resume.
+Completion markers in work/logs/<phase>/completions let an interrupted run resume. Which filters
+run follows the curation preset (`curate.preset`, chosen here for the source when `auto`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 import json
 import os
 import shutil
@@ -24,17 +25,46 @@ import time
 
 import orjson
 
-from candorlm.data.curate_config import CurateConfig
+from candorlm import stage
+from candorlm.config import CURATE_PRESETS, CurateConfig
 from candorlm.data.finalize import VERSION, Finalize, finalize
-from candorlm.data.ledger import write_json
+from candorlm.data.normalize import CODE_SUFFIXES
 from candorlm.data.sources import MB, Source, assign, auto_tasks, plan, resolve_source
 from candorlm.errors import CandorError
+from candorlm.fields import choices
 
-EXECUTORS = ("local", "slurm", "ray")
+EXECUTORS = choices(CurateConfig, "executor")
+OUTPUTS = ("stats.json", "documents")  # what a finished curation leaves; stats.json is its record
 
 
 # ---------------------------------------------------------------------------------------------
-# Fingerprints and completion
+# The preset, fingerprints and completion
+
+
+def choose_preset(cfg: CurateConfig, src: Source, units: list[dict]) -> tuple[str, str]:
+    """(preset, why) for this source: cfg.preset unless it is auto. The auto rule: the stdlib is
+    code; a directory is code when most of its bytes are in source files (by extension), else
+    curated; a .txt file is curated; JSONL, Parquet and saved datasets are taken for web crawls."""
+    if cfg.preset != "auto":
+        return cfg.preset, "set by curate.preset"
+    if src.kind == "stdlib":
+        return "code", "auto: the standard library is source code"
+    if src.kind == "dir":
+        total = sum(u["size"] for u in units) or 1
+        code = sum(u["size"] for u in units if os.path.splitext(u["rel"])[1].lower() in CODE_SUFFIXES)
+        if 2 * code > total:
+            return "code", f"auto: {100 * code / total:.0f}% of the directory's bytes are source files"
+        return "curated", f"auto: {100 - 100 * code / total:.0f}% of the directory's bytes are not source files"
+    if src.kind == "txt":
+        return "curated", "auto: a text file"
+    return "web", f"auto: a {src.kind} dataset is taken for a web crawl"
+
+
+def describe_preset(cfg: CurateConfig, why: str) -> str:
+    """One line for a resolved cfg: its preset, why, and the filters it runs (any set explicitly too)."""
+    on = [k for k in CURATE_PRESETS["web"] if getattr(cfg, k)]
+    return (f"preset {cfg.preset} ({why}; --set curate.preset=web|curated|code to change): "
+            f"filters {', '.join(on) or 'none'}; split {cfg.split}")
 
 
 def _fingerprint(src: Source, units: list[dict], cfg: CurateConfig, tasks: int) -> str:
@@ -44,32 +74,27 @@ def _fingerprint(src: Source, units: list[dict], cfg: CurateConfig, tasks: int) 
     for p in cfg.decontaminate_files:
         st = os.stat(p) if os.path.exists(p) else None
         extra.append([os.path.abspath(p), st and st.st_size, st and st.st_mtime_ns])
-    blob = json.dumps({"version": VERSION, "source": [src.kind, src.path], "units": ident, "tasks": tasks,
-                       "config": cfg.content_dict(), "eval_files": extra}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return stage.fingerprint({"version": VERSION, "source": [src.kind, src.path], "units": ident, "tasks": tasks,
+                              "config": cfg.content_dict(), "eval_files": extra})
 
 
 def _plan(source: str, cfg: CurateConfig):
+    """(source, units, tasks, fingerprint, the config resolved for its preset, why that preset)."""
     src = resolve_source(source)
+    cfg = cfg.check()
     units = plan(src, int(cfg.task_mb * MB))
+    preset, why = choose_preset(cfg, src, units)
+    cfg = dataclasses.replace(cfg, decontaminate_files=[os.path.abspath(p) for p in cfg.decontaminate_files])
+    cfg = cfg.resolved(preset)
     tasks = cfg.tasks or auto_tasks(units, cfg.task_mb)
-    return src, units, tasks, _fingerprint(src, units, cfg, tasks)
-
-
-def _stats_fingerprint(out_dir: str) -> str | None:
-    try:
-        with open(os.path.join(str(out_dir), "stats.json")) as f:
-            return json.load(f).get("fingerprint")
-    except (OSError, ValueError):
-        return None
+    return src, units, tasks, _fingerprint(src, units, cfg, tasks), cfg, why
 
 
 def is_complete(out_dir: str, source: str, cfg: CurateConfig | None = None) -> bool:
     """True when out_dir holds a finished curation of this source (as it is now) with this config.
     A missing source is a CandorError here too, before anything is printed or written."""
     resolve_source(source)
-    done = _stats_fingerprint(out_dir)
-    return done is not None and done == _plan(source, (cfg or CurateConfig()).validate())[3]
+    return stage.is_current(out_dir, _plan(source, cfg or CurateConfig())[3], OUTPUTS, record="stats.json")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +111,7 @@ def _phase_pipelines(cfg: CurateConfig, src: Source, work: str, tasks: int) -> d
         TaskStart(work, "process"),
         SourceReader(os.path.join(work, "manifest.json"), src.name,
                      LedgerWriter(work, "process", "read_error", "failed"), work, int(cfg.max_doc_mb * MB),
-                     cfg.txt_doc_chars),
+                     cfg.txt_doc_chars, cfg.split),
         Normalize(cfg.fix_mojibake),
         filters.SizeGate(exclusion_writer=LedgerWriter(work, "process", "size")),
         *[step for _, step in filters.quality_steps(cfg, work)],
@@ -204,7 +229,7 @@ def build_executors(phases: dict[str, list], cfg: CurateConfig, work: str, tasks
             from datatrove.executor import SlurmPipelineExecutor
 
             if not cfg.slurm_partition:
-                raise CandorError("--executor slurm needs --slurm-partition (the partition to submit to)")
+                raise CandorError("curate.executor=slurm needs curate.slurm_partition (the partition to submit to)")
             ex = SlurmPipelineExecutor(pipeline, tasks=n, time=cfg.slurm_time, partition=cfg.slurm_partition,
                                        cpus_per_task=cfg.slurm_cpus_per_task, mem_per_cpu_gb=cfg.slurm_mem_per_cpu_gb,
                                        qos=cfg.slurm_qos or "normal", job_name=f"candor-{name}", logging_dir=logdir,
@@ -250,19 +275,16 @@ def _check_writable(out: str) -> None:
 def _prepare_work(out: str, work: str, fingerprint: str, manifest: dict) -> bool:
     """Reuse work/ when it belongs to this fingerprint (resume); else start clean. Returns True
     when resuming."""
-    fp_path = os.path.join(work, "fingerprint.json")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(out, "stats.json"))
-    if os.path.exists(fp_path):
-        with open(fp_path) as f:
-            if json.load(f).get("fingerprint") == fingerprint:
-                return True
+    if stage.is_current(work, fingerprint, ["manifest.json"], record="fingerprint.json"):
+        return True
     for d in ("work", "documents", "removed"):
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
     os.makedirs(work, exist_ok=True)
     with open(os.path.join(work, "manifest.json"), "wb") as f:
         f.write(orjson.dumps(manifest))
-    write_json(fp_path, {"fingerprint": fingerprint})
+    stage.mark_current(work, fingerprint, record="fingerprint.json")
     return False
 
 
@@ -270,19 +292,18 @@ def _say(msg: str) -> None:
     print(f"[data] {msg}", file=sys.__stderr__, flush=True)
 
 
-def curate(source: str, out_dir: str, cfg: CurateConfig | None = None, workers: int = 0, executor: str = "local",
-           *, force: bool = False, verbose: bool = False, quiet: bool = False) -> dict:
+def curate(source: str, out_dir: str, cfg: CurateConfig | None = None, workers: int | None = None,
+           executor: str | None = None, *, force: bool = False, verbose: bool = False, quiet: bool = False) -> dict:
     """Curate `source` into `out_dir` and return the stats (also in out_dir/stats.json). Output
-    depends on the source and the config (which fixes the number of tasks), not on `workers`
-    (0: all cores). A finished, current out_dir is returned as is unless `force`."""
-    cfg = (cfg or CurateConfig()).validate()
-    if executor not in EXECUTORS:
-        raise CandorError(f"unknown executor {executor!r}: choose one of {', '.join(EXECUTORS)}")
-    if workers < 0:
-        raise CandorError(f"workers={workers} must be >= 0 (0: all cores)")
+    depends on the source and the config (which fixes the number of tasks), not on the workers
+    (0: all cores). workers/executor, when given, replace cfg's. A finished, current out_dir is
+    returned as is unless `force`."""
+    cfg = dataclasses.replace(cfg or CurateConfig(), **{k: v for k, v in (("workers", workers),
+                              ("executor", executor)) if v is not None})
     say = (lambda m: None) if quiet else _say
     t_start = time.perf_counter()
-    src, units, tasks, fp = _plan(source, cfg)
+    src, units, tasks, fp, cfg, why = _plan(source, cfg)
+    workers, executor = cfg.workers, cfg.executor
     out = os.path.abspath(out_dir)
     _check_writable(out)
     sets = {}
@@ -290,7 +311,7 @@ def curate(source: str, out_dir: str, cfg: CurateConfig | None = None, workers: 
         from candorlm.data.adapters import eval_sets
 
         sets = eval_sets(cfg.decontaminate_files)  # a missing or malformed file fails here, not in a worker
-    if not force and _stats_fingerprint(out) == fp:
+    if not force and stage.is_current(out, fp, OUTPUTS, record="stats.json"):
         with open(os.path.join(out, "stats.json")) as f:
             return json.load(f)
     work = os.path.join(out, "work")
@@ -303,12 +324,15 @@ def curate(source: str, out_dir: str, cfg: CurateConfig | None = None, workers: 
     total_mb = sum(u["size"] for u in units) / 1e6
     say(f"{'resuming' if resumed else 'curating'} {source}: {len(units)} inputs, {total_mb:.1f} MB, "
         f"{tasks} tasks on {workers} {executor} workers -> {out}")
+    say(describe_preset(cfg, why))
 
     phases = _phase_pipelines(cfg, src, work, tasks)
-    fin_args = dict(out=out, work=work, cfg_dict=cfg.to_dict(), source={"spec": source, "kind": src.kind,
+    # the config as stats.json reports it; workers are left out: they never change the output
+    reported = {k: v for k, v in cfg.to_dict().items() if k != "workers"}
+    fin_args = dict(out=out, work=work, cfg_dict=reported, source={"spec": source, "kind": src.kind,
                     "path": src.path, "inputs": len(units), "mb": round(total_mb, 3)},
                     fingerprint=fp, tasks=tasks, workers=workers, executor=executor,
-                    eval_sets={k: len(v) for k, v in sets.items()})
+                    eval_sets={k: len(v) for k, v in sets.items()}, preset={"name": cfg.preset, "why": why})
     if executor == "slurm":
         exs = build_executors(phases, cfg, work, tasks, workers, executor, finalize_step=Finalize(**fin_args))
         exs["finalize"].run()
@@ -335,7 +359,7 @@ def curate(source: str, out_dir: str, cfg: CurateConfig | None = None, workers: 
             timings[name] = round(time.perf_counter() - t0, 3)
     stats = finalize(**fin_args, timings=timings)
     stats["timings_s"]["total"] = round(time.perf_counter() - t_start, 3)
-    write_json(os.path.join(out, "stats.json"), stats)
+    stage.mark_current(out, fp, stats, record="stats.json")
     acc = stats["accounting"]["docs"]
     copies = f", added {stats['augmented']} CDA copies" if stats["augmented"] else ""
     say(f"read {acc['read']} documents: kept {acc['kept']}, removed {acc['removed']}, failed {acc['failed']}"
@@ -344,54 +368,4 @@ def curate(source: str, out_dir: str, cfg: CurateConfig | None = None, workers: 
     return stats
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-
-def add_cli_arguments(p) -> None:
-    """The curation options (not --source/--out, which the command defines)."""
-    g = p.add_argument_group("curation")
-    g.add_argument("--workers", type=int, default=0, help="parallel worker processes (default 0: all cores)")
-    g.add_argument("--executor", choices=EXECUTORS, default="local",
-                   help="datatrove executor: local processes (default), slurm jobs, or a ray cluster")
-    g.add_argument("--tasks", type=int, default=0, help="split the input into this many tasks (default: one per 4 MB)")
-    g.add_argument("--pii", choices=("mask", "drop", "off"), default="mask",
-                   help="mask PII with typed placeholders (default), drop documents with any, or off")
-    g.add_argument("--cda", choices=("none", "gender"), default="none",
-                   help="gender: add a gender-swapped copy of each prose document (counterfactual augmentation)")
-    g.add_argument("--no-dedup", action="store_true", help="skip exact and near-duplicate removal")
-    g.add_argument("--no-near-dedup", action="store_true", help="skip MinHash near-duplicate removal only")
-    g.add_argument("--minhash-bands", type=int, default=CurateConfig.minhash_bands)
-    g.add_argument("--minhash-rows", type=int, default=CurateConfig.minhash_rows)
-    g.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
-                   help="also remove documents sharing a 13-gram with this eval file (.jsonl text / .txt); repeatable")
-    g.add_argument("--no-decontaminate", action="store_true", help="skip decontamination (also the built-in eval sets)")
-    for name in ("gopher-quality", "gopher-repetition", "c4-quality", "fineweb-quality", "code-quality"):
-        g.add_argument(f"--no-{name}", action="store_true", help=f"skip the {name.replace('-', ' ')} filter")
-    g.add_argument("--no-bias-audit", action="store_true", help="skip the demographic term audit")
-    g.add_argument("--max-doc-mb", type=float, default=CurateConfig.max_doc_mb,
-                   help="remove larger documents unread (default 8)")
-    g.add_argument("--slurm-partition", default="", help="with --executor slurm: the partition")
-    g.add_argument("--slurm-time", default=CurateConfig.slurm_time, help="with --executor slurm: time per task")
-
-
-def config_from_args(args) -> CurateConfig:
-    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731 - the run/data commands share this
-    cfg = CurateConfig(
-        tasks=g("tasks", 0) or 0, pii=g("pii", "mask"), cda=g("cda", "none"),
-        exact_dedup=not g("no_dedup", False), near_dedup=not (g("no_dedup", False) or g("no_near_dedup", False)),
-        minhash_bands=g("minhash_bands", CurateConfig.minhash_bands),
-        minhash_rows=g("minhash_rows", CurateConfig.minhash_rows),
-        decontaminate=not g("no_decontaminate", False),
-        decontaminate_files=[os.path.abspath(p) for p in g("decontaminate", []) or []],
-        gopher_quality=not g("no_gopher_quality", False), gopher_repetition=not g("no_gopher_repetition", False),
-        c4_quality=not g("no_c4_quality", False), fineweb_quality=not g("no_fineweb_quality", False),
-        code_quality=not g("no_code_quality", False), bias_audit=not g("no_bias_audit", False),
-        max_doc_mb=g("max_doc_mb", CurateConfig.max_doc_mb),
-        slurm_partition=g("slurm_partition", "") or "", slurm_time=g("slurm_time", CurateConfig.slurm_time),
-    )
-    return cfg.validate()
-
-
-__all__ = ["curate", "is_complete", "add_cli_arguments", "config_from_args", "CurateConfig", "finalize",
-           "build_executors"]
+__all__ = ["curate", "is_complete", "choose_preset", "describe_preset", "finalize", "build_executors"]

@@ -1,14 +1,17 @@
-"""Quality filters for curation: a size/emptiness gate, datatrove's prose filters (Gopher quality
-and repetition, C4, FineWeb) applied to prose only, and a code filter applied to code only.
+"""Quality filters for curation: a size/emptiness gate, a broken-text check, datatrove's prose
+filters (Gopher quality and repetition, C4, FineWeb) applied to prose only, and a code filter
+applied to code only. Which of them run is the curation preset's choice (config.CURATE_PRESETS).
 
-datatrove has no filter for source code, so `CodeQualityFilter` is ours; `TypedFilter` is ours
-because datatrove filters see every document and we must keep prose rules off code and back.
+datatrove has no filter for source code, so `CodeQualityFilter` is ours; nor one for text that is
+broken rather than poor (its filters judge web prose), so `TextSanityFilter` is ours; `TypedFilter`
+is ours because datatrove filters see every document and we must keep prose rules off code and back.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+import unicodedata
 
 from datatrove.data import Document
 from datatrove.pipeline.filters.base_filter import BaseFilter
@@ -61,6 +64,41 @@ class TypedFilter(BaseFilter):
         elif res is True and not doc.text.endswith("\n"):
             doc.text += "\n"
         return res
+
+
+class TextSanityFilter(BaseFilter):
+    """Removes text that is broken, whatever its kind or quality: near-empty (fewer than min_chars
+    visible characters), undecodable (over max_undecodable_frac of its characters U+FFFD,
+    unassigned or private-use), mojibake that normalization's ftfy repair left (ftfy's own
+    `is_bad` test), and binary-looking (a run of more than max_run_chars characters without
+    whitespace: base64, hex dumps)."""
+
+    name = "🩺 text sanity"
+
+    def __init__(self, min_chars: int = 2, max_undecodable_frac: float = 0.01, mojibake: bool = True,
+                 max_run_chars: int = 1000, exclusion_writer=None):
+        super().__init__(exclusion_writer)
+        self.min_chars, self.max_undecodable_frac = min_chars, max_undecodable_frac
+        self.mojibake, self.max_run_chars = mojibake, max_run_chars
+
+    def filter(self, doc: Document):
+        text = doc.text
+        words = text.split()
+        if sum(map(len, words)) < self.min_chars:
+            return False, "near_empty"
+        if max(map(len, words), default=0) > self.max_run_chars:
+            return False, "binary_looking"
+        if text.isascii():  # no replacement characters, unassigned code points or mojibake in ASCII
+            return True
+        odd = sum(1 for c in text if c == "\ufffd" or (ord(c) > 127 and unicodedata.category(c) in ("Cn", "Co")))
+        if odd > self.max_undecodable_frac * len(text):
+            return False, "undecodable"
+        if self.mojibake:
+            from ftfy.badness import is_bad
+
+            if is_bad(text):
+                return False, "mojibake"
+        return True
 
 
 class CodeQualityFilter(BaseFilter):
@@ -127,6 +165,8 @@ def quality_steps(cfg, work_dir: str, phase: str = "process") -> list[tuple[str,
         return LedgerWriter(work_dir, phase, stage)
 
     steps = []
+    if cfg.text_sanity:  # broken text first: it is cheap, and no later filter need judge it
+        steps.append(("text_sanity", TextSanityFilter(**cfg.text_sanity_args, exclusion_writer=ledger("text_sanity"))))
     rep = dict(cfg.gopher_repetition_args)
     rep["top_n_grams"] = tuple(tuple(x) for x in rep["top_n_grams"])
     rep["dup_n_grams"] = tuple(tuple(x) for x in rep["dup_n_grams"])
@@ -152,6 +192,7 @@ def thresholds(cfg) -> dict:
     """Every filter's switch and thresholds, for stats.json and the data card."""
     return {
         "size": {"max_doc_mb": cfg.max_doc_mb},
+        "text_sanity": {"enabled": cfg.text_sanity, "applies_to": "all", **cfg.text_sanity_args},
         "gopher_repetition": {"enabled": cfg.gopher_repetition, "applies_to": "prose", **cfg.gopher_repetition_args},
         "gopher_quality": {"enabled": cfg.gopher_quality, "applies_to": "prose", **cfg.gopher_quality_args},
         "c4_quality": {"enabled": cfg.c4_quality, "applies_to": "prose", "rewrite_lines": cfg.c4_rewrite_lines,

@@ -17,7 +17,7 @@ import time
 
 from datatrove.pipeline.base import PipelineStep
 
-from candorlm.data.curate_config import CurateConfig
+from candorlm.config import CurateConfig
 from candorlm.data.ledger import aggregate_counts, read_jsonl, write_json
 
 VERSION = 1  # bump when a code change changes what a given config produces
@@ -114,7 +114,8 @@ def _audit(cfg: CurateConfig, out: str, work: str, stages: list[str]) -> dict:
 
 
 def finalize(out: str, work: str, cfg_dict: dict, source: dict, fingerprint: str, tasks: int, workers: int,
-             executor: str, eval_sets: dict | None = None, timings: dict | None = None) -> dict:
+             executor: str, eval_sets: dict | None = None, timings: dict | None = None,
+             preset: dict | None = None) -> dict:
     from candorlm.data import filters
 
     cfg = CurateConfig(**cfg_dict)
@@ -158,6 +159,7 @@ def finalize(out: str, work: str, cfg_dict: dict, source: dict, fingerprint: str
         "version": VERSION,
         "fingerprint": fingerprint,
         "source": source,
+        "preset": preset,
         "read": read["docs"],
         "kept": kept["docs"],
         "removed": {r: v["docs"] for r, v in sorted(removed_by.items())},

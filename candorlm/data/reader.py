@@ -1,18 +1,23 @@
 """Reading curation's inputs: `SourceReader`, the datatrove pipeline step that turns a task's
-share of the units `sources.plan` made into Documents, one per input record. Every record is
-accounted for: what cannot be read (unreadable, binary, not UTF-8, malformed JSON, no text
-field) becomes a failure Document with its reason, for the failed ledger. No filtering here.
+share of the units `sources.plan` made into Documents, one per input record (or, with
+`curate.split`, one per entry of a text file). Every record is accounted for: what cannot be read
+(unreadable, binary, not UTF-8, malformed JSON, no text field) becomes a failure Document with
+its reason, for the failed ledger. No filtering here.
 """
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
+import re
 import tokenize
 
 import orjson
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+
+from candorlm.data.normalize import CODE_SUFFIXES
 
 
 def looks_binary(head: bytes) -> bool:
@@ -37,6 +42,31 @@ def decode_source(raw: bytes, rel: str) -> str:
     return raw.decode(enc)
 
 
+def split_entries(text: str, split: str):
+    """(index, first line, entry) for each entry of `text` under split = blank | percent |
+    regex:PATTERN: a blank line, a line holding only %, or a line PATTERN matches whole ends an
+    entry; the separator lines belong to no entry, and entries with no visible text are not
+    entries. index counts entries from 1; lines are 1-based."""
+    if split == "blank":
+        is_sep = lambda line: not line.strip()  # noqa: E731
+    elif split == "percent":
+        is_sep = lambda line: line.rstrip("\r\n") == "%"  # noqa: E731
+    else:
+        rx = re.compile(split[len("regex:"):])
+        is_sep = lambda line: rx.fullmatch(line.rstrip("\r\n")) is not None  # noqa: E731
+    index, buf, first = 0, [], 1
+    for n, line in enumerate(text.splitlines(keepends=True), 1):
+        if is_sep(line):
+            if "".join(buf).strip():
+                index += 1
+                yield index, first, "".join(buf)
+            buf, first = [], n + 1
+        else:
+            buf.append(line)
+    if "".join(buf).strip():
+        yield index + 1, first, "".join(buf)
+
+
 class SourceReader(PipelineStep):
     """Reads this task's units from work/manifest.json and yields one Document per input
     record; records that cannot be read go to the failed ledger with their error."""
@@ -45,11 +75,11 @@ class SourceReader(PipelineStep):
     type = "📖 - READER"
 
     def __init__(self, manifest_path: str, source_name: str, failed_writer, work_dir: str,
-                 max_doc_bytes: int, txt_doc_chars: int):
+                 max_doc_bytes: int, txt_doc_chars: int, split: str = "auto"):
         super().__init__()
         self.manifest_path, self.source_name = manifest_path, source_name
         self.failed_writer, self.work_dir = failed_writer, work_dir
-        self.max_doc_bytes, self.txt_doc_chars = max_doc_bytes, txt_doc_chars
+        self.max_doc_bytes, self.txt_doc_chars, self.split = max_doc_bytes, txt_doc_chars, split
 
     # --- helpers
     def _doc(self, text: str, doc_id: str, rel: str, nbytes: int, **where) -> Document:
@@ -92,8 +122,18 @@ class SourceReader(PipelineStep):
             yield got
         elif big:
             yield self._too_large(got[0], rel, rel, got[1], line=1)
+        elif self.split not in ("auto", "none") and os.path.splitext(rel)[1].lower() not in CODE_SUFFIXES:
+            # every file but source code: .txt, .md, and names fortune files have ("cookie", "cookie.u8")
+            yield from self._entries(got[0], rel)
         else:
             yield self._doc(got[0], rel, rel, got[1], line=1)
+
+    def _entries(self, text: str, rel: str):
+        """One Document per entry (split_entries), id `file#index`."""
+        for index, line, entry in split_entries(text, self.split):
+            nbytes = len(entry.encode("utf-8", "surrogatepass"))
+            make = self._too_large if nbytes > self.max_doc_bytes else self._doc
+            yield make(entry, f"{rel}#{index}", rel, nbytes, line=line, index=index)
 
     def _read_txt(self, u: dict):
         rel = u["rel"]
@@ -102,6 +142,12 @@ class SourceReader(PipelineStep):
             yield got
             return
         text = got[0]
+        if self.split == "none":
+            yield from self._txt_doc([text], rel, 1, doc_id=rel)
+            return
+        if self.split != "auto":
+            yield from self._entries(text, rel)
+            return
         # Pack paragraphs (split at blank lines) into documents of >= txt_doc_chars characters.
         buf: list[str] = []
         n_chars, start_line, line_no = 0, 1, 1
@@ -117,10 +163,10 @@ class SourceReader(PipelineStep):
         if buf:
             yield from self._txt_doc(buf, rel, start_line)
 
-    def _txt_doc(self, lines: list[str], rel: str, line: int):
+    def _txt_doc(self, lines: list[str], rel: str, line: int, doc_id: str = ""):
         chunk = "".join(lines)
         nbytes = len(chunk.encode("utf-8", "surrogatepass"))
-        doc_id = f"{rel}:{line}"
+        doc_id = doc_id or f"{rel}:{line}"
         if nbytes > self.max_doc_bytes:
             yield self._too_large(chunk, doc_id, rel, nbytes, line=line)
         else:

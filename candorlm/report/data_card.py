@@ -169,6 +169,9 @@ def _provenance(stats: dict) -> list[str]:
 
 def _curation(stats: dict) -> list[str]:
     out = ["## Filters", ""]
+    preset = stats.get("preset")
+    if isinstance(preset, dict) and preset.get("name"):
+        out += [f"Preset: {preset['name']} ({preset.get('why', 'reason not recorded')}).", ""]
     filters = stats.get("filters") or {}
     if filters:
         out.append(_table(["filter", "thresholds"], [
