@@ -31,17 +31,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from candorlm.compress.kernels import choose_kernel, native_bf16  # noqa: E402
 from candorlm.compress.prune import prune_model, report_windows  # noqa: E402
 from candorlm.compress.quantize import quantize_model  # noqa: E402
 from candorlm.config import ModelConfig  # noqa: E402
 from candorlm.data.shards import open_split  # noqa: E402
+from candorlm.device import (  # noqa: E402
+    autocast_dtype,
+    configure_cpu_allocator,
+    native_bf16,  # noqa: E402
+)
+from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for  # noqa: E402
 from candorlm.generation import generate_ids  # noqa: E402
 from candorlm.model.io import load_model, read_model_config, weights_state_dict, write_model_files  # noqa: E402
+from candorlm.model.kernels.quantized import choose_kernel  # noqa: E402
 from candorlm.model.transformer import Transformer  # noqa: E402
 from candorlm.tokenizer import Tokenizer  # noqa: E402
-from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator  # noqa: E402
-from candorlm.train.loop import evaluate_bpb, token_bytes_for  # noqa: E402  (moves to candorlm.evaluate.bpb)
 
 PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 QUANTIZED = {"int8": ("int8", None), "int4-g32": ("int4", 32), "int4-g128": ("int4", 128)}
@@ -133,8 +137,8 @@ def random_model(args, work: Path) -> Path:
 def kernel_table(threads: int) -> list[dict]:
     """One linear layer at batch 1: fp32 and bf16 F.linear, the int8 and int4 packed kernels
     (bf16 and fp32 activations), dequantize-in-every-call; microseconds, best of 7 rounds."""
-    from candorlm.compress.kernels import Int4Linear, Int8Linear
-    from candorlm.compress.quant import quantize_int4, quantize_int8
+    from candorlm.model.kernels.quantized import Int4Linear, Int8Linear
+    from candorlm.model.quant import quantize_int4, quantize_int8
 
     torch.set_num_threads(threads)
 

@@ -9,14 +9,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import micro_config
 from safetensors.torch import load_file
 
 import candorlm
 from candorlm.cli import main
 from candorlm.compress import calibration, prune
-from candorlm.compress.kernels import Int4Linear, Int8Linear, choose_kernel, native_bf16
-from candorlm.compress.quant import (
+from candorlm.compress.quantize import quantize_model
+from candorlm.data.loader import eval_windows
+from candorlm.data.shards import open_split
+from candorlm.device import native_bf16
+from candorlm.errors import CandorError
+from candorlm.model.io import load_model, read_model_config
+from candorlm.model.kernels.quantized import Int4Linear, Int8Linear, choose_kernel
+from candorlm.model.quant import (
     dequantize_int4,
     dequantize_int8,
     pack_int4,
@@ -24,11 +29,8 @@ from candorlm.compress.quant import (
     quantize_int8,
     unpack_int4,
 )
-from candorlm.compress.quantize import hidden_linears, load_quantized, quantize_model
-from candorlm.data.loader import eval_windows
-from candorlm.data.shards import open_split
-from candorlm.errors import CandorError
-from candorlm.model.io import load_model, read_model_config
+from candorlm.model.quantized import hidden_linears, load_quantized
+from conftest import micro_config
 
 SHAPES = [(64, 64), (40, 96), (192, 64), (64, 192), (48, 100), (17, 33)]
 

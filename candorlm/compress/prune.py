@@ -24,12 +24,13 @@ import torch
 import torch.nn as nn
 
 from candorlm.compress.calibration import CALIBRATION_SEQ_LEN, calibration_batch
-from candorlm.compress.quantize import hidden_linears, read_config_json
+from candorlm.compress.quantize import read_config_json
 from candorlm.config import TrainConfig
 from candorlm.errors import CandorError
 from candorlm.export.check import check_out_path
 from candorlm.fileio import atomic_dir, atomic_write_json
 from candorlm.model.io import load_model, write_model_files
+from candorlm.model.quantized import hidden_linears
 
 METHODS = ("magnitude", "wanda")
 DEFAULT_SPARSITY = 0.5

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from candorlm.data.loader import TrainBatches
 from candorlm.data.shards import check_tokenizer, load_meta, open_split
-from candorlm.train.hardware import autocast_dtype
+from candorlm.device import autocast_dtype
 
 DEFAULT_LR = 3e-4  # a tenth of pretraining's AdamW lr (train.lr 3e-3): the model is near a minimum already
 BATCH_SIZE = 16

@@ -98,8 +98,8 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> Transformer:
     if not wpath.is_file():
         raise CandorError(f"{model_dir} has no model.safetensors")
     quantization = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization")
-    if quantization is not None:  # int8/int4 weights: compress/ rebuilds their modules from outside the model
-        from candorlm.compress.quantize import load_quantized
+    if quantization is not None:  # int8/int4 weights: their modules are rebuilt from outside the Transformer
+        from candorlm.model.quantized import load_quantized
 
         return load_quantized(model_dir, cfg, quantization, device)
     with torch.device("meta"):

@@ -28,33 +28,14 @@ head's weight (the fused loss of evaluation) computes with exactly the quantized
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from candorlm.compress.quant import dequantize_int4, dequantize_int8, unpack_int4
-from candorlm.errors import CandorError
-from candorlm.train.hardware import cpu_has_bf16
+from candorlm.device import native_bf16
+from candorlm.model.quant import dequantize_int4, dequantize_int8, unpack_int4
 
 KERNELS = ("packed", "dequantized", "reference")
-NATIVE_BF16_ENV = "CANDOR_NATIVE_BF16"  # 0: treat bf16 as absent (the fp32 path on any machine); 1: present
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU runs bf16 natively: CANDOR_NATIVE_BF16 if set, else its flags."""
-    forced = os.environ.get(NATIVE_BF16_ENV)
-    if forced is not None:
-        if forced not in ("0", "1"):
-            raise CandorError(f"{NATIVE_BF16_ENV}={forced!r} must be 0 (treat bf16 as absent) or 1 (as present); "
-                              "unset it to detect")
-        return forced == "1"
-    return cpu_has_bf16()
-
-
 def choose_kernel(device: torch.device | str) -> str:
     """The kernel for quantized weights on `device`: "packed" on a CPU with native bf16, else
     "dequantized" (see the module docstring for the figures)."""
@@ -134,7 +115,7 @@ class Int8Embedding(nn.Module):
 
 class Int4Linear(nn.Module):
     """y = x W^T with W[r, j] = q * scale + minimum over groups of `group_size` inputs, q in
-    [0, 15] stored two to a byte (compress/quant.py). The packed kernel needs the inputs padded
+    [0, 15] stored two to a byte (model/quant.py). The packed kernel needs the inputs padded
     to a whole number of groups and the outputs to a multiple of 16 (aten's checks); the pads
     are zero weights fed zero inputs, cut off the result."""
 

@@ -2,8 +2,8 @@
 (asymmetric, two values a byte), their dequantization, and the packing of int4 pairs.
 
 Pure tensor functions on (out, in) matrices. They choose no kernel, hold no module and know
-nothing of model directories (compress/kernels.py runs the results, compress/quantize.py
-writes and reads them).
+nothing of model directories (model/kernels/quantized.py runs the results, compress/quantize.py
+writes them, model/quantized.py reads them).
 
 int8: scale_r = max|w_r| / 127, q = round(w / scale_r) in [-127, 127] (-128 unused, so the
 grid is symmetric about 0 and a zero weight stays exactly zero), w ~ q * scale_r.
