@@ -108,3 +108,12 @@ def micro_config(*extra: tuple[str, str]):
     from candorlm.config import build_config
 
     return build_config("cpu-tiny", MICRO + list(extra))
+
+
+def train_micro(tokens: Path, tokenizer: Path, out: Path, steps: int, *extra: tuple[str, str]) -> Path:
+    """A micro model trained `steps` steps without evaluation: the fixtures' learned weights."""
+    from candorlm.train.loop import pretrain
+
+    cfg = micro_config(("train.max_steps", str(steps)), ("train.eval_every", "0"), *extra)
+    pretrain(tokens, tokenizer, out, cfg, quiet=True)
+    return out

@@ -30,7 +30,8 @@ from candorlm.model.quant import (
     unpack_int4,
 )
 from candorlm.model.quantized import hidden_linears, load_quantized
-from conftest import micro_config
+from conftest import train_micro
+from helpers import cli_error
 
 SHAPES = [(64, 64), (40, 96), (192, 64), (64, 192), (48, 100), (17, 33)]
 
@@ -135,12 +136,7 @@ def test_the_kernel_follows_the_precision(monkeypatch):
 @pytest.fixture(scope="module")
 def trained(micro_tokens, micro_tokenizer, tmp_path_factory):
     """A micro model trained 60 steps, so pruning has learned weights to rank."""
-    from candorlm.train.loop import pretrain
-
-    out = tmp_path_factory.mktemp("compress") / "base"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "60"), ("train.eval_every", "0")),
-             quiet=True)
-    return out
+    return train_micro(micro_tokens, micro_tokenizer, tmp_path_factory.mktemp("compress") / "base", 60)
 
 
 @pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("int4", 128)])
@@ -301,14 +297,6 @@ def test_recovery_trains_the_rest_and_keeps_the_mask(trained, micro_tokens, tmp_
 
 
 # --- bad arguments: one line, exit 2, nothing written
-
-
-def cli_error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("candor: error: ") and err.count("\n") == 1, err
-    return err
 
 
 BAD_QUANTIZE = [
