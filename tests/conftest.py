@@ -108,3 +108,14 @@ def micro_config(*extra: tuple[str, str]):
     from candorlm.config import build_config
 
     return build_config("cpu-tiny", MICRO + list(extra))
+
+
+@pytest.fixture(scope="session")
+def eval_model(micro_tokens, micro_tokenizer, tmp_path_factory) -> Path:
+    """A micro model directory trained 30 steps on the micro corpus: for the evaluation tests."""
+    from candorlm.train.loop import pretrain
+
+    out = tmp_path_factory.mktemp("eval_model") / "base"
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "30"), ("train.eval_every", "0")),
+             quiet=True)
+    return out
