@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=0, help="window length (default 0: the model's context)")
     p.set_defaults(func=cmd_eval)
 
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with model type candor: "
+                   "candor lm-eval --model candor --model_args model=DIR --tasks T (the harness's flags)")
+
     p = sub.add_parser("export", help="write a model directory for transformers (Qwen3) or llama.cpp (GGUF)")
     p.add_argument("--model", required=True)
     p.add_argument("--format", required=True, choices=("hf", "gguf"))
@@ -296,6 +299,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # the harness's own command line, with the `candor` model type registered
+        from candorlm.evaluate.harness import main as harness_main
+
+        harness_main(argv[1:])
+        return
     try:
         args = build_parser().parse_args(argv)
         args.func(args)

@@ -4,7 +4,8 @@ dataclass, or a YAML file naming the JSONL beside it), scored through evaluate/s
 Kinds:
 * multiple_choice: the context, then each choice as a continuation; accuracy is the share where
   the gold choice has the highest log-likelihood, acc_norm the same after dividing each by the
-  choice's length in characters (lm-evaluation-harness's acc / acc_norm, so the two agree).
+  choice's length in characters, without `choice_prefix` (lm-evaluation-harness's acc / acc_norm,
+  so the two agree).
 * generate: a greedy completion of the prompt, cut at `until`, judged by a checker:
   exact (equal after stripping), contains, regex (the target pattern found), python_parses
   (prompt + a non-blank completion is valid Python), python_tests (prompt + completion + the record's test
@@ -125,7 +126,7 @@ def score_multiple_choice(scorer, task: Task, contexts: list[str] | None = None)
     for _, chs, gold in reqs:
         ll = np.array([x for x, _ in flat[i:i + len(chs)]])
         i += len(chs)
-        lens = np.array([len(c) for c in chs], dtype=float)
+        lens = np.array([len(c) - len(task.choice_prefix) for c in chs], dtype=float)  # the harness's lengths
         acc.append(float(np.argmax(ll) == gold))
         acc_norm.append(float(np.argmax(ll / np.maximum(lens, 1)) == gold))
         lls.append(ll.tolist())
