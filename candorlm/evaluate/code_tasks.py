@@ -73,8 +73,10 @@ def heldout_functions(documents_dir: str | Path, val_fraction: float, seed: int 
 
 
 def build_code_tasks(functions: list[dict], max_items: int = 100, seed: int = 0,
-                     max_new_tokens: int = 96) -> list[Task]:
-    """The three tasks over `functions` (at most max_items each; doctests as many as pass)."""
+                     max_new_tokens: int = 96, generate_items: int | None = None) -> list[Task]:
+    """The three tasks over `functions`: at most max_items multiple-choice items and at most
+    generate_items (default max_items) generative ones each; doctests only those that pass."""
+    generate_items = max_items if generate_items is None else generate_items
     from candorlm.evaluate.sandbox import run_program
 
     rng = random.Random(seed)
@@ -90,13 +92,14 @@ def build_code_tasks(functions: list[dict], max_items: int = 100, seed: int = 0,
         tasks.append(Task("code_body_choice", "multiple_choice", items,
                           description="held-out stdlib function: its own body among 3 others (chance 25%)"))
     if chosen:
-        tasks.append(Task("code_parses", "generate", [{"id": f["id"], "prompt": f["header"]} for f in chosen],
+        gen = [{"id": f["id"], "prompt": f["header"]} for f in chosen[:generate_items]]
+        tasks.append(Task("code_parses", "generate", gen,
                           checker="python_parses", until=STOP, max_new_tokens=max_new_tokens,
                           description="held-out stdlib function: a greedy body that parses"))
     doctests = [{"id": f["id"], "prompt": f["imports"] + "\n\n" + f["header"], "test": DOCTEST_RUNNER}
                 for f in functions if f["doctest"]]
     doctests = [d for d, f in zip(doctests, (f for f in functions if f["doctest"]), strict=True)
-                if run_program(d["prompt"] + f["body"] + d["test"]).passed][:max_items]
+                if run_program(d["prompt"] + f["body"] + d["test"]).passed][:generate_items]
     if doctests:
         tasks.append(Task("code_doctest", "generate", doctests, checker="python_tests", until=STOP,
                           max_new_tokens=max_new_tokens,

@@ -6,7 +6,8 @@ log-likelihoods (evaluate/scoring.py), so a base model and a chat model are meas
 * coreference (WinoBias / Winogender style): the context names the referent's gender ("The
   nurse is a man. ... the nurse said that") and the model picks " he" or " she". Pro-stereotypical
   items state the gender the occupation's stereotype expects, anti-stereotypical items the other;
-  accuracy on each and the gap (pro - anti; 0 is unbiased) over paired items. Prose and code
+  accuracy on each and the gap (pro - anti; 0 is unbiased) over paired items, with the male- and
+  female-stereotyped occupation groups weighted equally (a model that always says " he" scores 0). Prose and code
   templates (comments, docstrings, identifiers) are reported apart and together.
 * pairs (CrowS-Pairs style): minimal sentence pairs that differ only in the group word; the share
   of pairs where the stereotyped sentence is the likelier (ideal 50%).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from candorlm.evaluate.stats import bootstrap_ci, estimate, mean_estimate
+from candorlm.evaluate.stats import bootstrap_ci, estimate, mean_estimate, ratio_estimate
 
 PROBES_PATH = Path(__file__).resolve().parent / "data" / "bias_probes.json"
 SPEC = json.loads(PROBES_PATH.read_text(encoding="utf-8"))
@@ -56,9 +57,23 @@ def _choose(scorer, contexts: list[str], options: list[str], normalize: bool = F
     return out
 
 
-def _gap(pro: np.ndarray, anti: np.ndarray, seed: int) -> dict:
-    ci = bootstrap_ci({"p": pro, "a": anti}, lambda c: c["p"].mean(1) - c["a"].mean(1), seed=seed)
-    return estimate(pro.mean() - anti.mean(), ci, len(pro))
+def _balance(sides: list[str]) -> np.ndarray:
+    """Item weights giving each occupation group the same total weight (len(sides) overall), so
+    a model that always answers " he" scores the same on pro and anti items, though the groups
+    differ in size (13 and 18 occupations)."""
+    counts = {s: sides.count(s) for s in set(sides)}
+    return np.array([len(sides) / (len(counts) * counts[s]) for s in sides])
+
+
+def _weighted(x: np.ndarray, w: np.ndarray, seed: int) -> dict:
+    return ratio_estimate(x * w, w, seed=seed)
+
+
+def _gap(pro: np.ndarray, anti: np.ndarray, w: np.ndarray, seed: int) -> dict:
+    def stat(c):
+        return ((c["p"] - c["a"]) * c["w"]).sum(1) / c["w"].sum(1)
+    ci = bootstrap_ci({"p": pro, "a": anti, "w": w}, stat, seed=seed)
+    return estimate(float(((pro - anti) * w).sum() / w.sum()), ci, len(pro))
 
 
 def coreference(scorer, seed: int = 0) -> dict:
@@ -79,14 +94,16 @@ def coreference(scorer, seed: int = 0) -> dict:
     for style in [*SPEC["coreference"], "all"]:
         sel = [r for r in rows if style in ("all", r[0])]
         pro, anti = np.array([r[2] for r in sel], float), np.array([r[3] for r in sel], float)
+        w = _balance([r[1] for r in sel])
         by_group = {}
         for side in ("male", "female"):
             g = [r for r in sel if r[1] == side]
             p, a = np.array([r[2] for r in g], float), np.array([r[3] for r in g], float)
             by_group[f"{side}-stereotyped occupations"] = {"pro_accuracy": mean_estimate(p, seed), "anti_accuracy":
-                                                           mean_estimate(a, seed), "gap": _gap(p, a, seed)}
-        out[style] = {"pro_accuracy": mean_estimate(pro, seed), "anti_accuracy": mean_estimate(anti, seed),
-                      "gap": _gap(pro, anti, seed), "by_group": by_group}
+                                                           mean_estimate(a, seed), "gap": _gap(p, a, np.ones(len(p)),
+                                                                                               seed)}
+        out[style] = {"pro_accuracy": _weighted(pro, w, seed), "anti_accuracy": _weighted(anti, w, seed),
+                      "gap": _gap(pro, anti, w, seed), "by_group": by_group}
     return out
 
 
@@ -102,9 +119,15 @@ def pairs(scorer, seed: int = 0) -> dict:
         items.append(("age", t.format(group=age["groups"]["stereotyped"]), t.format(group=age["groups"]["other"])))
     lls = scorer.loglikelihood([("", s) for _, a, b in items for s in (a, b)])
     prefer = np.array([lls[2 * i][0] > lls[2 * i + 1][0] for i in range(len(items))], float)
+    # gender items: each occupation group weighs the same (see _balance); other axes weigh 1 an item
+    sides = [side for t in SPEC["pairs"]["gender"] for _, side in _occupations()]
+    w = np.concatenate([_balance(sides), np.ones(len(items) - len(sides))])
     axes = sorted({a for a, _, _ in items})
-    return {"stereotyped_share": mean_estimate(prefer, seed), "ideal": 0.5,
-            "by_group": {a: mean_estimate(prefer[[i for i, it in enumerate(items) if it[0] == a]], seed) for a in axes}}
+    by = {}
+    for a in axes:
+        idx = [i for i, it in enumerate(items) if it[0] == a]
+        by[a] = _weighted(prefer[idx], w[idx], seed)
+    return {"stereotyped_share": _weighted(prefer, w, seed), "ideal": 0.5, "by_group": by}
 
 
 def bbq(scorer, seed: int = 0) -> dict:

@@ -65,25 +65,46 @@ class Scorer:
         return [self.bos] + whole[:len(ctx)], whole[len(ctx):]
 
     # --- the forward passes ---
-    def _logprobs(self, seqs: list[list[int]]) -> list[torch.Tensor]:
-        """For each sequence of 2 .. max_len + 1 tokens, the log-softmax rows (len - 1, vocab)
-        predicting seq[1:] from seq[:-1]; batched by length."""
+    def _batches(self, seqs: list[list[int]]):
+        """(indices, inputs (B, T), targets (B, T) with -1 past each end) for sequences of
+        2 .. max_len + 1 tokens, longest first, at most max_batch_tokens padded inputs each."""
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        out: list[torch.Tensor | None] = [None] * len(seqs)
         i = 0
         while i < len(order):
             longest = len(seqs[order[i]]) - 1
             batch = order[i:i + max(1, self.max_batch_tokens // max(longest, 1))]
             x = torch.full((len(batch), longest), self.pad, dtype=torch.long)
+            y = torch.full((len(batch), longest), -1, dtype=torch.long)
             for r, j in enumerate(batch):
                 x[r, :len(seqs[j]) - 1] = torch.tensor(seqs[j][:-1])
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                                 enabled=self.amp_dtype is not None):
-                logits = self.model(x.to(self.device))
-            lp = F.log_softmax(logits.float(), dim=-1).cpu()
+                y[r, :len(seqs[j]) - 1] = torch.tensor(seqs[j][1:])
+            yield batch, x.to(self.device), y.to(self.device)
+            i += len(batch)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def _logprobs(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        """For each sequence of 2 .. max_len + 1 tokens, the log-softmax rows (len - 1, vocab)
+        predicting seq[1:] from seq[:-1]."""
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        for batch, x, _ in self._batches(seqs):
+            with torch.no_grad(), self._autocast():
+                lp = F.log_softmax(self.model(x).float(), dim=-1).cpu()
             for r, j in enumerate(batch):
                 out[j] = lp[r, :len(seqs[j]) - 1]
-            i += len(batch)
+        return out  # type: ignore[return-value]
+
+    def _nats(self, seqs: list[list[int]]) -> list[torch.Tensor]:
+        """-log p of seq[1:] for each sequence, through the model's fused head (no logits kept:
+        scoring 64k tokens of an 8k vocabulary would otherwise hold 2 GB of log-probabilities)."""
+        out: list[torch.Tensor | None] = [None] * len(seqs)
+        for batch, x, y in self._batches(seqs):
+            with torch.no_grad(), self._autocast():
+                nats = self.model(x, y, reduction="none").float().cpu()
+            for r, j in enumerate(batch):
+                out[j] = nats[r, :len(seqs[j]) - 1]
         return out  # type: ignore[return-value]
 
     def loglikelihood_ids(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
@@ -121,12 +142,9 @@ class Scorer:
                 windows.append((seq[new_end - L - 1:new_end], new_end - end))
                 owners.append(d)
                 end = new_end
-        lps = self._logprobs([w for w, _ in windows])
         parts: list[list[np.ndarray]] = [[] for _ in docs]
-        for (w, new), lp, d in zip(windows, lps, owners, strict=True):
-            targets = torch.tensor(w[1:])
-            nats = -lp.gather(1, targets[:, None])[:, 0]
-            parts[d].append(nats[len(targets) - new:].numpy())
+        for (w, new), nats, d in zip(windows, self._nats([w for w, _ in windows]), owners, strict=True):
+            parts[d].append(nats[len(w) - 1 - new:].numpy())
         return [np.concatenate(p) if p else np.zeros(0) for p in parts]
 
     # --- generation ---

@@ -38,7 +38,9 @@ def bootstrap_ci(columns: dict[str, np.ndarray] | np.ndarray, statistic: Callabl
 
 def estimate(value: float, ci: tuple[float, float], n: int, level: float = LEVEL, digits: int = 4) -> dict:
     """The one shape of a reported figure."""
-    return {"value": round(float(value), digits), "ci": [round(ci[0], digits), round(ci[1], digits)], "n": int(n),
+    # + 0.0: a rounded -0.0 reads as 0.0
+    return {"value": round(float(value), digits) + 0.0, "ci": [round(ci[0], digits) + 0.0, round(ci[1], digits) + 0.0],
+            "n": int(n),
             "level": level}
 
 
