@@ -374,7 +374,7 @@ class EvalConfig(Section):
     humaneval_limit: Annotated[int, ">= 0 (0: all 164)"] = 40
     humaneval_samples: Annotated[int, ">= 1 (1: greedy pass@1; >= 10 adds pass@10)"] = 1
     max_new_tokens: Annotated[int, ">= 1"] = 64
-    robustness_items: Annotated[int, ">= 1"] = 40
+    robustness_items: Annotated[int, ">= 1"] = 24
 
     def task_list(self) -> list[str]:
         return [] if self.tasks.strip() == "none" else [t.strip() for t in self.tasks.split(",") if t.strip()]
