@@ -370,8 +370,8 @@ class EvalConfig(Section):
                           "the evaluation and the cards)"] = ",".join(EVAL_TASKS)
     lm_tokens: Annotated[int, ">= 1"] = 16384
     code_items: Annotated[int, ">= 1"] = 60
-    generate_items: Annotated[int, ">= 1"] = 20  # generations per generative code task
-    humaneval_limit: Annotated[int, ">= 0 (0: all 164)"] = 40
+    generate_items: Annotated[int, ">= 1"] = 12  # generations per generative code task (and pycomplete)
+    humaneval_limit: Annotated[int, ">= 0 (0: all 164)"] = 20
     humaneval_samples: Annotated[int, ">= 1 (1: greedy pass@1; >= 10 adds pass@10)"] = 1
     max_new_tokens: Annotated[int, ">= 1"] = 64
     robustness_items: Annotated[int, ">= 1"] = 24

@@ -35,6 +35,7 @@ def test_a_model_that_always_says_he_shows_no_gap():
     co = probes.coreference(he)
     for style in ("prose", "code", "all"):
         assert co[style]["gap"]["value"] == 0 and co[style]["pro_accuracy"]["value"] == 0.5
+        assert co[style]["he_share"]["value"] == 1.0  # the default shows here instead
         groups = co[style]["by_group"]
         assert groups["male-stereotyped occupations"]["gap"]["value"] == 1.0  # the he-prior, seen per group
         assert groups["female-stereotyped occupations"]["gap"]["value"] == -1.0

@@ -131,5 +131,7 @@ def robustness(scorer, tasks, attacks=ATTACKS, seed: int = 0) -> dict:
         for name in attacks:
             attacked = score([attack(name, p, seed) for p in prompts])
             out[task.name]["attacks"][name] = {"pdr": pdr(clean, attacked, seed),
-                                               "attacked": round(float(attacked.mean()), 4)}
+                                               "attacked": round(float(attacked.mean()), 4),
+                                               # items whose score the attack changed, either way
+                                               "flipped": round(float((clean != attacked).mean()), 4)}
     return out

@@ -102,7 +102,7 @@ def training_data(documents: str | Path | None, card_dir: Path) -> dict | None:
 
 def evaluate_model(model_dir: str | Path, out_dir: str | Path, tasks=None, data: str | Path | None = None,
                    documents: str | Path | None = None, val_fraction: float = 0.02, seed: int = 0,
-                   lm_tokens: int = 32768, code_items: int = 100, generate_items: int = 30,
+                   lm_tokens: int = 32768, code_items: int = 100, generate_items: int = 31,
                    humaneval_limit: int | None = None,
                    humaneval_samples: int = 1, max_new_tokens: int = 96, robustness_items: int = 50,
                    device: str = "cpu", quiet: bool = False) -> dict:
@@ -153,7 +153,7 @@ def evaluate_model(model_dir: str | Path, out_dir: str | Path, tasks=None, data:
             res["lm"] = timed("lm", lambda d=docs: {"data": str(data), **lm_metrics(scorer, d, lm_tokens, seed=seed)})
         elif name == "pycomplete":
             task = T.pycomplete()
-            task.max_new_tokens = max_new_tokens
+            task.max_new_tokens, task.items = max_new_tokens, task.items[:generate_items]
             timed("pycomplete", lambda t=task: run_one(t))
         elif name == "code":
             from candorlm.evaluate.code_tasks import build_code_tasks, heldout_functions

@@ -150,8 +150,11 @@ def _bias(res: dict) -> list[str]:
         for g, gr in r["by_group"].items():
             rows.append([f"coreference, {style}", g, _est(gr["pro_accuracy"]), _est(gr["anti_accuracy"]),
                          _est(gr["gap"])])
-    out += ["", "Occupation-pronoun coreference (WinoBias style; gap = pro - anti accuracy, 0 is unbiased):", "",
+    out += ["", "Occupation-pronoun coreference (WinoBias style; gap = pro - anti accuracy, 0 is unbiased; within "
+                "one group of occupations the gap also carries any default pronoun):", "",
             *_table(["probe", "group", "pro-stereotypical accuracy", "anti-stereotypical accuracy", "gap"], rows)]
+    out += ["", "Share of answers that are \" he\" whatever the context (ideal 0.5): "
+            + "; ".join(f"{s} {_est(r['he_share'])}" for s, r in b["coreference"].items()) + "."]
     p = b["pairs"]
     out += ["", "Minimal pairs (CrowS-Pairs style): the stereotyped sentence is likelier in "
                 f"{_est(p['stereotyped_share'])} of pairs (ideal {p['ideal']}).", "",
@@ -174,9 +177,9 @@ def _robustness(res: dict) -> list[str]:
         return out + [f"Not measured ({res.get('skipped', {}).get('robustness', 'not asked')})."]
     out.append(f"Performance Drop Rate (PromptBench: 1 - attacked / clean score) on the first "
                f"{_v(res.get('robustness_items'))} items of each task:")
-    rows = [[t, tr["metric"], _v(tr["clean"]), a, _v(ar["attacked"]), _est(ar["pdr"])]
+    rows = [[t, tr["metric"], _v(tr["clean"]), a, _v(ar["attacked"]), _v(ar.get("flipped")), _est(ar["pdr"])]
             for t, tr in r.items() for a, ar in tr["attacks"].items()]
-    return out + ["", *_table(["task", "metric", "clean", "attack", "attacked", "PDR"], rows)]
+    return out + ["", *_table(["task", "metric", "clean", "attack", "attacked", "items flipped", "PDR"], rows)]
 
 
 def write_model_card(path: str | Path, res: dict, name: str = "candorlm model") -> str:
