@@ -91,8 +91,8 @@ def build_code_tasks(functions: list[dict], max_items: int = 100, seed: int = 0,
             items.append({"id": f["id"], "context": f["header"], "choices": choices, "gold": choices.index(f["body"])})
         tasks.append(Task("code_body_choice", "multiple_choice", items,
                           description="held-out stdlib function: its own body among 3 others (chance 25%)"))
-    if chosen:
-        gen = [{"id": f["id"], "prompt": f["header"]} for f in chosen[:generate_items]]
+    gen = [{"id": f["id"], "prompt": f["header"]} for f in chosen[:generate_items]]
+    if gen:
         tasks.append(Task("code_parses", "generate", gen,
                           checker="python_parses", until=STOP, max_new_tokens=max_new_tokens,
                           description="held-out stdlib function: a greedy body that parses"))
