@@ -32,8 +32,9 @@ def test_multiple_choice_acc_and_acc_norm():
     task = T.Task("t", "multiple_choice", items, context="{q} =", choice_prefix=" ")
     r = T.score_multiple_choice(FakeScorer(liked={" aaaa"}), task)
     assert r["acc"].tolist() == [1, 0, 1]
-    # acc_norm: ll / characters; " 22" -> -1, " 4444" -> -1: a tie goes to the first choice
-    assert r["acc_norm"].tolist() == [1, 0, 1]
+    # acc_norm: ll / the choice's characters without the prefix (the harness's rule): " 2" -2/1 loses to
+    # " three" -6/5, " 4444" -5/4 beats " 22" -3/2; dividing by len(" 2") = 2 instead would give [1, 0, 1]
+    assert r["acc_norm"].tolist() == [0, 1, 1]
     out = T.run_task(FakeScorer(), task)  # nothing liked: the third item's short wrong choice wins
     assert out["acc"]["value"] == pytest.approx(1 / 3, abs=1e-4) and out["chance"] == 0.5 and out["items"] == 3
 
