@@ -97,3 +97,14 @@ def test_a_card_number_not_in_results_is_caught(run_dir, tmp_path):
     bad.write_text(text.replace(f"| {bpb} (", "| 9.8765 ("))
     with pytest.raises(AssertionError, match="9.8765"):
         assert_card_numbers_are_results(bad, res)
+
+
+def test_the_chat_model_is_evaluated_when_the_run_has_one(tmp_path):
+    from candorlm.pipeline import evaluated_model
+
+    (tmp_path / "base").mkdir()
+    assert evaluated_model(tmp_path) == tmp_path / "base"
+    (tmp_path / "chat").mkdir()
+    assert evaluated_model(tmp_path) == tmp_path / "base"  # an unfinished chat directory is not a model
+    (tmp_path / "chat" / "model.safetensors").write_bytes(b"")
+    assert evaluated_model(tmp_path) == tmp_path / "chat"
