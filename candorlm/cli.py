@@ -142,20 +142,52 @@ def cmd_chat(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from candorlm.data.shards import open_split
-    from candorlm.device import autocast_dtype, configure_cpu_allocator
-    from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
-    from candorlm.model.io import load_model
+    from candorlm.device import configure_cpu_allocator
 
     if args.seq_len < 0 or args.tokens < 1:
         raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) "
                           f"and --tokens {args.tokens} >= 1")
     configure_cpu_allocator()
-    model = load_model(args.model)
-    seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens,
-                     8, autocast_dtype("cpu", "auto"))
-    print(json.dumps(r))
+    if args.tasks is None and args.out is None:
+        if args.data is None:
+            raise CandorError("candor eval needs --data TOKENS (validation bits per byte) or --tasks/--out (the suite)")
+        from candorlm.data.shards import open_split
+        from candorlm.device import autocast_dtype
+        from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
+        from candorlm.model.io import load_model
+
+        model = load_model(args.model)
+        seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len,
+                         args.tokens, 8, autocast_dtype("cpu", "auto"))
+        print(json.dumps(r))
+        return
+    from candorlm.evaluate.suite import evaluate_model
+
+    out = args.out or os.path.join(args.model, "eval")
+    res = evaluate_model(args.model, out, tasks=args.tasks, data=args.data, documents=args.documents,
+                         val_fraction=args.val_fraction, humaneval_limit=args.humaneval_limit or None,
+                         humaneval_samples=args.samples, lm_tokens=args.tokens, seed=args.seed)
+    print(f"results in {os.path.join(out, 'results.json')} ({res['costs_s']['total']} s); "
+          f"model card: candor card --model {args.model}")
+
+
+def cmd_card(args) -> None:
+    from pathlib import Path
+
+    from candorlm.report.model_card import write_model_card
+    from candorlm.report.run_report import write_report
+
+    results = args.results or os.path.join(args.model, "eval", "results.json")
+    if not os.path.isfile(results):
+        raise CandorError(f"--results {results} does not exist; run `candor eval --model {args.model}` first")
+    res = json.loads(open(results, encoding="utf-8").read())
+    out = args.out or os.path.join(args.model, "MODEL_CARD.md")
+    write_model_card(out, res, name=args.name or os.path.basename(os.path.normpath(args.model)))
+    charts = os.path.relpath(os.path.dirname(os.path.abspath(results)), os.path.dirname(os.path.abspath(out)))
+    logs = {"pretrain": Path(args.model) / "log.jsonl"}
+    write_report(os.path.dirname(os.path.abspath(out)), res, logs, name=args.name or args.model, charts=charts)
+    print(f"model card: {out}; report: {os.path.join(os.path.dirname(out) or '.', 'report.md')}")
 
 
 def cmd_export(args) -> None:
@@ -216,6 +248,9 @@ def cmd_run(args) -> None:
     print(s["completion"]["prompt"] + s["completion"]["text"])
     print("-" * 60)
     print(f"artifacts in {s['run_dir']}/: data/ (DATA_CARD.md), tokenizer/, tokens/, base/ (model directory)")
+    if s.get("cards"):
+        print(f"evaluation: {s['eval']['results']} ({s['eval']['costs_s'].get('total')} s); "
+              f"model card: {s['cards']['model_card']}; report: {s['cards']['report']}")
     for fmt, path in s.get("exports", {}).items():
         print(f"export ({fmt}): {path}")
     print("next:")
@@ -282,12 +317,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="validation bits-per-byte of a model on a token directory")
+    p = sub.add_parser("eval", help="evaluate a model: bits per byte, tasks, HumanEval, bias probes, robustness")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--tokens", type=int, default=262144, help="validation targets to score (default 262144)")
-    p.add_argument("--seq-len", type=int, default=0, help="window length (default 0: the model's context)")
+    p.add_argument("--data", default=None, help="held-out data: a token directory (its val split), a .jsonl, a text "
+                   "file or a directory; alone (without --tasks/--out): print validation bits per byte only")
+    p.add_argument("--tasks", default=None, help="comma-separated: lm, code, pycomplete, humaneval, bias, robustness, "
+                   "or task .yaml files (default: all of those)")
+    p.add_argument("--out", default=None, help="where results.json goes (default MODEL/eval)")
+    p.add_argument("--documents", default=None, help="the curated documents/ the model was trained on "
+                   "(code tasks come from its held-out files)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="the data.val_fraction the model was trained with")
+    p.add_argument("--humaneval-limit", type=int, default=0, help="first N HumanEval problems (default 0: all 164)")
+    p.add_argument("--samples", type=int, default=1, help="HumanEval samples per problem (1: greedy; >= 10: pass@10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=262144, help="held-out tokens to score (default 262144)")
+    p.add_argument("--seq-len", type=int, default=0, help="window length of the bits-per-byte-only mode "
+                   "(default 0: the model's context)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("card", help="MODEL_CARD.md (Hugging Face format) and report.md from a model's results.json")
+    p.add_argument("--model", required=True)
+    p.add_argument("--results", default=None, help="default MODEL/eval/results.json")
+    p.add_argument("--out", default=None, 
+                   help="the card's path (default MODEL/MODEL_CARD.md); report.md goes beside it")
+    p.add_argument("--name", default=None, help="the model's name in the card (default: the directory's name)")
+    p.set_defaults(func=cmd_card)
+
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with model type candor: "
+                   "candor lm-eval --model candor --model_args model=DIR --tasks T (the harness's flags)")
 
     p = sub.add_parser("export", help="write a model directory for transformers (Qwen3) or llama.cpp (GGUF)")
     p.add_argument("--model", required=True)
@@ -337,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # the harness's own command line, with the `candor` model type registered
+        from candorlm.evaluate.harness import main as harness_main
+
+        harness_main(argv[1:])
+        return
     try:
         args = build_parser().parse_args(argv)
         args.func(args)

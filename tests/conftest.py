@@ -117,3 +117,9 @@ def train_micro(tokens: Path, tokenizer: Path, out: Path, steps: int, *extra: tu
     cfg = micro_config(("train.max_steps", str(steps)), ("train.eval_every", "0"), *extra)
     pretrain(tokens, tokenizer, out, cfg, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def eval_model(micro_tokens, micro_tokenizer, tmp_path_factory) -> Path:
+    """A micro model directory trained 30 steps on the micro corpus: for the evaluation tests."""
+    return train_micro(micro_tokens, micro_tokenizer, tmp_path_factory.mktemp("eval_model") / "base", 30)

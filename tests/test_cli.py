@@ -12,6 +12,10 @@ import pytest
 
 from conftest import MICRO, MODULES
 
+# the run's evaluation on a few items of each kind
+EVAL = [("eval.humaneval_limit", "2"), ("eval.generate_items", "2"), ("eval.code_items", "8"),
+        ("eval.max_new_tokens", "8"), ("eval.robustness_items", "4"), ("eval.lm_tokens", "1024")]
+
 
 def candor(*args, cwd=None, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -38,6 +42,10 @@ def sets(pairs):
     ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--set", "train.dtype=fp8"],
     ["data", "--source", "stdlib", "--out", "x", "--workers", "-1"],
     ["eval", "--model", "m", "--data", "d", "--seq-len", "-5"],
+    ["eval", "--model", "m"],
+    ["eval", "--model", "m", "--tasks", "lm,nosuch"],
+    ["card", "--model", "no/model"],
+    ["run", "--set", "eval.tasks=lm,nosuch"],
 ])
 def test_bad_input_is_one_line_and_exit_2(cmd, tmp_path):
     r = candor(*cmd, cwd=tmp_path)
@@ -64,7 +72,7 @@ def corpus(tmp_path_factory) -> Path:
 
 def test_run_end_to_end_then_skips(corpus, tmp_path):
     args = ["run", "--name", "micro", "--source", str(corpus), "--runs-dir", str(tmp_path / "runs"),
-            "--set", "tokenizer.vocab_size=512", *sets(MICRO)]
+            "--set", "tokenizer.vocab_size=512", *sets(MICRO), *sets(EVAL)]
     r = candor(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "val bits-per-byte" in r.stdout
@@ -74,6 +82,9 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     assert sum(stats["failed"].values()) >= 2  # the binary file and the invalid UTF-8 one, with reasons
     summary = json.loads((run / "summary.json").read_text())
     assert summary["pretrain"]["val_bpb"] > 0
+    # the evaluation and the cards (tests/test_eval_card.py checks what they hold)
+    assert json.loads((run / "eval" / "results.json").read_text())["humaneval"]["problems"] == 2
+    assert (run / "MODEL_CARD.md").is_file() and (run / "report.md").is_file() and "model card:" in r.stdout
 
     import candorlm
 
@@ -105,7 +116,7 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     weights = (run / "base" / "model.safetensors").read_bytes()
     r2 = candor(*args)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stderr.count("is current; skipped") == 4, r2.stderr
+    assert r2.stderr.count("is current; skipped") == 5, r2.stderr  # data, tokenizer, tokens, base, eval
     assert (run / "base" / "model.safetensors").read_bytes() == weights
 
     # a changed training setting redoes pretraining only, into a clean model directory
