@@ -153,6 +153,8 @@ class Engine:
         req.seqs = [_Seq(i, list(prompt), self._sampler(params, prompt, i), TextStream(self.tokenizer, params.stop))
                      for i in range(params.n)]
         with self._lock:
+            if self._stopping:
+                raise CandorError("the engine is stopped: start() it again to submit requests")
             self._inbox.append(req)
             self._lock.notify_all()
         return handle
