@@ -137,8 +137,11 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from candorlm.tune.chat import run_chat
 
+    if (args.model is None) == (args.url is None):
+        raise CandorError("candor chat needs --model DIR (a model directory) or --url URL (a running candor serve)")
     run_chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+             url=args.url, api_key=args.api_key or os.environ.get("CANDOR_API_KEY"))
 
 
 def cmd_serve(args) -> None:
@@ -275,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with a model in the terminal (/help lists the commands)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="a model directory")
+    p.add_argument("--url", default=None, help="instead of --model: a running `candor serve`, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="the server's API key, with --url (also CANDOR_API_KEY)")
     p.add_argument("--system", default=None, help="the system prompt (/system TEXT changes it)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: generation_config.json)")
     p.add_argument("--temperature", type=float, default=None, help="0: greedy")

@@ -13,6 +13,7 @@ bound, so /health answers 503 until it is ready (as vLLM's does), and 200 after.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -187,7 +188,9 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         state.check()
         return {"object": "list", "data": [{"id": state.name, "object": "model", "created": int(time.time()),
                                             "owned_by": "candorlm", "root": str(state.model_dir),
-                                            "max_model_len": state.max_model_len, "version": state.version}]}
+                                            "max_model_len": state.max_model_len, "version": state.version,
+                                            # the sampling defaults a request's missing fields take
+                                            "generation_config": dataclasses.asdict(state.model.generation_config)}]}
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
