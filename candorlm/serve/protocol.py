@@ -115,6 +115,27 @@ class DetokenizeRequest(_Open):
     tokens: list[int]
 
 
+class Rating(BaseModel):
+    """POST /v1/feedback/rating: the web chat's thumbs up (1) or down (-1) on one answer."""
+
+    conversation_id: str
+    answer_id: str
+    messages: list[ChatMessage]  # what the model saw before the answer
+    answer: str
+    rating: int
+    model_version: str | None = Field(None, max_length=64)
+
+
+class Preference(BaseModel):
+    """POST /v1/feedback/preference: the better of two answers to the same messages."""
+
+    conversation_id: str
+    messages: list[ChatMessage]
+    chosen: str
+    rejected: str
+    model_version: str | None = Field(None, max_length=64)
+
+
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
     """{"role", "content"} dicts for tokenizer.render_chat; content parts are joined."""
     out = []

@@ -29,7 +29,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from candorlm.errors import CandorError
-from candorlm.serve.protocol import ApiError, ChatMessage, DetokenizeRequest, TokenizeRequest, chat_messages, error_body
+from candorlm.serve.protocol import (
+    ApiError,
+    DetokenizeRequest,
+    Preference,
+    Rating,
+    TokenizeRequest,
+    chat_messages,
+    error_body,
+)
 
 log = logging.getLogger("candorlm.serve")
 WEB = Path(__file__).parent / "web"
@@ -233,23 +241,6 @@ def _routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _feedback_routes(app: FastAPI, state: ServerState) -> None:
-    from pydantic import BaseModel, Field
-
-    class Rating(BaseModel):
-        conversation_id: str
-        answer_id: str
-        messages: list[ChatMessage]
-        answer: str
-        rating: int
-        model_version: str | None = Field(None, max_length=64)
-
-    class Preference(BaseModel):
-        conversation_id: str
-        messages: list[ChatMessage]
-        chosen: str
-        rejected: str
-        model_version: str | None = Field(None, max_length=64)
-
     # The answer's model version is the client's record of which model gave it (a conversation
     # may outlive a server); the serving model's when the client sent none.
     @app.post("/v1/feedback/rating")

@@ -50,7 +50,7 @@ function renderText(target, text) {
   while ((m = fence.exec(text)) !== null) {
     if (m.index > last) target.append(document.createTextNode(text.slice(last, m.index)));
     const pre = el("pre", "code");
-    const code = el("code", null, m[2]);
+    const code = el("code", null, m[2].replace(/\n$/, ""));
     if (m[1].trim()) code.dataset.lang = m[1].trim();
     pre.append(code);
     target.append(pre);
@@ -313,10 +313,11 @@ function init() {
   const settings = load(SETTINGS, {});
   for (const id of FIELDS) {
     if (settings[id] !== undefined) $(id).value = settings[id];
-    $(id).addEventListener("change", () => {
+    $(id).addEventListener("input", () => {
       const s = load(SETTINGS, {});
       s[id] = $(id).value;
       localStorage.setItem(SETTINGS, JSON.stringify(s));
+      if (id === "api-key") connect();
     });
   }
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(false); });
@@ -337,10 +338,16 @@ function init() {
     $("toggle-settings").setAttribute("aria-expanded", String(!s.hidden));
   };
   render();
+  connect();
+}
+
+// The served model's name and context (again whenever the API key changes).
+function connect() {
   fetch("/v1/models", {headers: headers()}).then((r) => r.json()).then((j) => {
     if (j.error) throw new Error(j.error.message);
     modelName = j.data[0].id;
     $("model-name").textContent = `${modelName} · ${j.data[0].max_model_len}-token context`;
+    showError("");
   }).catch((e) => { $("model-name").textContent = "not connected"; showError(String(e.message || e)); });
 }
 
