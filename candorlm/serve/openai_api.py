@@ -136,8 +136,6 @@ def _start(state, request: Request, req, ids: list[int], logprobs: bool, top_log
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    from candorlm.serve.server import utf8
-
     state = request.app.state.serve
     state.check(req.model)
     if req.tools:
@@ -145,8 +143,6 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.top_logprobs is not None and not req.logprobs:
         raise ApiError(400, "when using `top_logprobs`, `logprobs` must be set to true", "top_logprobs")
     messages = chat_messages(req.messages)
-    for i, m in enumerate(messages):
-        utf8(m["content"], f"messages[{i}].content")
     ids = state.model.tokenizer.render_chat(messages, add_generation_prompt=req.add_generation_prompt)
     run = _start(state, request, req, ids, req.logprobs, req.top_logprobs or 0)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.name,
@@ -201,8 +197,6 @@ async def _chat_stream(run: Run, head: dict, req: ChatCompletionRequest, tok):
 
 @router.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request):
-    from candorlm.serve.server import utf8
-
     state = request.app.state.serve
     state.check(req.model)
     if req.suffix is not None:
@@ -218,7 +212,7 @@ async def completions(req: CompletionRequest, request: Request):
     all_ids = []
     for p in prompts(req.prompt):
         if isinstance(p, str):
-            all_ids.append([tok.bos_id] + tok.encode(utf8(p, "prompt")))
+            all_ids.append([tok.bos_id] + tok.encode(p))
         else:
             check_token_ids(p, tok.vocab_size, "prompt")
             if not p:

@@ -13,9 +13,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from candorlm.errors import CandorError
+
+# vLLM's _SAMPLING_EPS: a smaller temperature is greedy. Dividing float32 logits by ~1e-38
+# overflows them to inf and the softmax to NaN, which fails the sampling step.
+GREEDY_BELOW = 1e-5
+# A larger penalty multiplies float32 logits past their range (~3.4e38) to -inf, and a zero logit
+# by an inf penalty is NaN; 1e6 already makes a repeated token as good as banned.
+MAX_REPETITION_PENALTY = 1e6
 
 # `developer` is OpenAI's newer name for the system role (o1 onwards); both render as system.
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -40,7 +47,35 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-class _Open(BaseModel):
+def surrogate_at(value, where: str = "") -> str | None:
+    """Where in a parsed JSON value a string holds a lone surrogate (\\ud800 is valid JSON but not
+    Unicode text: it cannot be encoded, tokenized or stored), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if (found := surrogate_at(k, where) if isinstance(k, str) else None) or \
+                (found := surrogate_at(v, f"{where}.{k}" if where else str(k))):
+            return found
+    return None
+
+
+class _Body(BaseModel):
+    """A request body (or part of one): refused whole when any string in it is not Unicode text."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode(cls, data):
+        if (where := surrogate_at(data)) is not None:
+            raise ValueError(f"the text at {where} has a lone surrogate (\\ud800-\\udfff), which is not Unicode")
+        return data
+
+
+class _Open(_Body):
     model_config = ConfigDict(extra="allow")
 
 
@@ -115,7 +150,7 @@ class DetokenizeRequest(_Open):
     tokens: list[int]
 
 
-class Rating(BaseModel):
+class Rating(_Body):
     """POST /v1/feedback/rating: the web chat's thumbs up (1) or down (-1) on one answer."""
 
     conversation_id: str
@@ -126,7 +161,7 @@ class Rating(BaseModel):
     model_version: str | None = Field(None, max_length=64)
 
 
-class Preference(BaseModel):
+class Preference(_Body):
     """POST /v1/feedback/preference: the better of two answers to the same messages."""
 
     conversation_id: str
@@ -173,7 +208,7 @@ def sampling_params(req: _Sampling, defaults, vocab_size: int, prompt_tokens: in
 
     if req.stream_options is not None and not req.stream:
         raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
-    max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+    max_tokens = (req.max_completion_tokens if isinstance(req, ChatCompletionRequest) else None) or req.max_tokens
     room = max_model_len - prompt_tokens
     if prompt_tokens >= max_model_len:
         raise ApiError(400, f"This model's maximum context length is {max_model_len} tokens. However, your request "
@@ -193,13 +228,20 @@ def sampling_params(req: _Sampling, defaults, vocab_size: int, prompt_tokens: in
     check_token_ids(bias, vocab_size, "logit_bias")
     check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
     top_k = defaults.top_k if req.top_k is None else req.top_k
+    temperature = defaults.temperature if req.temperature is None else req.temperature
+    if 0 < temperature < GREEDY_BELOW:
+        temperature = 0.0
+    penalty = defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
+    if penalty > MAX_REPETITION_PENALTY:
+        raise ApiError(400, f"repetition_penalty={penalty}: accepted: a number in (0, {MAX_REPETITION_PENALTY:g}]",
+                       "repetition_penalty")
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        temperature=temperature,
         top_k=0 if top_k == -1 else top_k,  # vLLM's -1 for off
         top_p=defaults.top_p if req.top_p is None else req.top_p,
         min_p=req.min_p,
-        repetition_penalty=defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty,
+        repetition_penalty=penalty,
         presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, logit_bias=bias,
         stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
         stop_token_ids=list(req.stop_token_ids or []), n=req.n,

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import json
 import logging
 import threading
 import time
@@ -142,14 +143,22 @@ def create_app(model_dir: str | Path, options: ServeOptions | None = None, load_
     return app
 
 
+class ErrorResponse(JSONResponse):
+    """An error body in ASCII: a message may quote the request, and what it quotes must not
+    break the response."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True).encode()
+
+
 def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return JSONResponse(error_body(e.status, e.message, e.param), status_code=e.status)
+        return ErrorResponse(error_body(e.status, e.message, e.param), status_code=e.status)
 
     @app.exception_handler(CandorError)
     async def candor_error(request, e: CandorError):
-        return JSONResponse(error_body(400, str(e)), status_code=400)
+        return ErrorResponse(error_body(400, str(e)), status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request, e: RequestValidationError):
@@ -158,32 +167,35 @@ def _error_handlers(app: FastAPI) -> None:
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             where, msg = "", f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
-        return JSONResponse(error_body(400, f"{where}: {msg}" if where else msg, where or None), status_code=400)
+        return ErrorResponse(error_body(400, f"{where}: {msg}" if where else msg, where or None), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
-        return JSONResponse(error_body(e.status_code, message.get(e.status_code, str(e.detail))),
+        return ErrorResponse(error_body(e.status_code, message.get(e.status_code, str(e.detail))),
                             status_code=e.status_code, headers=getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request, e: Exception):
         log.exception("internal error on %s", request.url.path)
-        return JSONResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
+        return ErrorResponse(error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
 
 
 def _routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health")
     async def health():
         if not state.ready:
-            return JSONResponse(error_body(503, state.error or "the model is loading"), status_code=503)
+            return ErrorResponse(error_body(503, state.error or "the model is loading"), status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")
     async def version():
-        from candorlm import __version__
+        from importlib.metadata import PackageNotFoundError, version
 
-        return {"version": __version__}
+        try:
+            return {"version": version("candorlm")}
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            return {"version": "unknown"}
 
     @app.get("/metrics")
     async def metrics():
@@ -214,7 +226,7 @@ def _routes(app: FastAPI, state: ServerState) -> None:
         if req.messages is not None:
             ids = tok.render_chat(chat_messages(req.messages), add_generation_prompt=req.add_generation_prompt)
         else:
-            ids = ([tok.bos_id] if req.add_special_tokens else []) + tok.encode(utf8(req.prompt, "prompt"))
+            ids = ([tok.bos_id] if req.add_special_tokens else []) + tok.encode(req.prompt)
         return {"count": len(ids), "max_model_len": state.max_model_len, "tokens": ids,
                 "token_strs": [tok.id_to_bytes(i).decode("utf-8", errors="replace") for i in ids]}
 
@@ -246,26 +258,16 @@ def _feedback_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/feedback/rating")
     def rate(req: Rating):
         state.check()
-        state.feedback.rate(req.conversation_id, req.answer_id, chat_messages(req.messages), utf8(req.answer, "answer"),
+        state.feedback.rate(req.conversation_id, req.answer_id, chat_messages(req.messages), req.answer,
                             req.rating, req.model_version or state.version)
         return {"ok": True}
 
     @app.post("/v1/feedback/preference")
     def prefer(req: Preference):
         state.check()
-        state.feedback.prefer(req.conversation_id, chat_messages(req.messages), utf8(req.chosen, "chosen"),
-                              utf8(req.rejected, "rejected"), req.model_version or state.version)
+        state.feedback.prefer(req.conversation_id, chat_messages(req.messages), req.chosen,
+                              req.rejected, req.model_version or state.version)
         return {"ok": True}
-
-
-def utf8(text: str, param: str) -> str:
-    """`text`, refused when it holds a lone surrogate (valid JSON escapes, but not Unicode text)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{param}: the text has a lone surrogate (\\ud800-\\udfff), which is not Unicode text",
-                       param) from None
-    return text
 
 
 class Guard:
@@ -328,8 +330,6 @@ def _replay(body: bytes, receive):
 
 
 async def _reply(send, status: int, message: str) -> None:
-    import json
-
     data = json.dumps(error_body(status, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
