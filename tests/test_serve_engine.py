@@ -225,3 +225,72 @@ def test_bad_prompts_are_refused(lm):
         engine.submit([], SamplingParams())
     with pytest.raises(CandorError, match="n=3"):
         Engine(lm, max_slots=2).submit([5], SamplingParams(n=3))
+
+
+@pytest.mark.parametrize("variant", [(), (("model.pos_encoding", "alibi"),), (("model.pos_encoding", "learned"),),
+                                     (("model.window_pattern", "SL"), ("model.window_size", "8")),
+                                     (("model.qk_norm", "false"), ("model.mlp", "gelu"))])
+def test_packed_segments_equal_separate_forwards(variant):
+    """Decodes at different positions, a prefill chunk after a cached prefix and a whole prompt,
+    in one packed pass, give each sequence's logits from Transformer.forward."""
+    from candorlm.model.slots import Segment, SlotCache, SlotModel
+    from candorlm.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(micro_config(("model.vocab_size", "97"), *variant).model).eval()
+    seqs = [torch.randint(0, 97, (n,)).tolist() for n in (9, 17, 30, 12)]
+    cache = SlotCache(model.cfg, 4, 64)
+    fwd = SlotModel(model)
+    # fill the slots' caches: sequences 0 and 1 up to their last token, 2 up to position 20
+    fwd(seqs[0][:-1], [Segment(0, 0, len(seqs[0]) - 1, "none")], cache)
+    fwd(seqs[1][:-1], [Segment(1, 0, len(seqs[1]) - 1, "none")], cache)
+    fwd(seqs[2][:20], [Segment(2, 0, 20, "none")], cache)
+    segs = [Segment(0, len(seqs[0]) - 1, 1), Segment(1, len(seqs[1]) - 1, 1), Segment(2, 20, 10, "all"),
+            Segment(3, 0, 12)]
+    tokens = [seqs[0][-1], seqs[1][-1]] + seqs[2][20:] + seqs[3]
+    got = fwd(tokens, segs, cache)
+    with torch.no_grad():
+        want = [model(torch.tensor([s]))[0] for s in seqs]
+    expect = torch.cat([want[0][-1:], want[1][-1:], want[2][20:], want[3][-1:]])
+    torch.testing.assert_close(got, expect, atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_weights_stay_close_to_float32(lm):
+    from candorlm.model.slots import Segment, SlotCache, SlotModel
+
+    p = prompts(lm, 5)[4]
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        fwd = SlotModel(lm.model, dtype)
+        out[dtype] = fwd(p, [Segment(0, 0, len(p), "all")], SlotCache(lm.model.cfg, 1, 128, dtype=fwd.dtype))
+    assert lm.model.embed.weight.dtype == torch.float32  # the model itself is left as it was
+    probs = {k: torch.softmax(v, -1) for k, v in out.items()}
+    assert (probs[torch.float32] - probs[torch.bfloat16]).abs().max() < 0.02
+    engine = Engine(lm, dtype="bfloat16")
+    [seqs] = run(engine, [engine.submit(p, SamplingParams(max_tokens=8, temperature=0))])
+    assert len(seqs[0]["ids"]) >= 1
+
+
+def test_threaded_engine_serves_concurrent_async_readers(lm):
+    import asyncio
+
+    ps = prompts(lm, 16)
+    engine = Engine(lm, max_slots=16, step_tokens=64)
+    engine.start()
+
+    async def one(i, p):
+        await asyncio.sleep(0.002 * i)  # arrivals spread over the first steps
+        h = engine.submit(p, SamplingParams(max_tokens=8 + i % 5, temperature=0))
+        return [ev.token_id async for ev in h.events()]
+
+    async def main():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(ps)))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        engine.stop()
+    assert got == [reference(lm, p, 8 + i % 5, temperature=0) for i, p in enumerate(ps)]
+    stats = engine.stats()
+    assert stats["running"] == 0 and stats["generation_tokens_total"] == sum(map(len, got))
+    assert stats["prompt_tokens_total"] == sum(map(len, ps))

@@ -11,12 +11,15 @@ Only inference: no gradients, no training paths. Knows nothing of scheduling or 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from candorlm.config import ModelConfig
 from candorlm.model.attention import build_mask, sdpa_attention
+from candorlm.model.positions import apply_rope, rotate_half
 
 
 class SlotCache:
@@ -64,77 +67,152 @@ def _rows_mask(pos: torch.Tensor, k_len: int, window: int, slopes: torch.Tensor 
     return bias.masked_fill(~allowed[:, None, None, :], float("-inf")).to(dtype)
 
 
-@torch.inference_mode()
-def forward_segments(model, tokens: list[int], segments: list[Segment], cache: SlotCache) -> torch.Tensor:
-    """Logits (float32) for the rows the segments ask for, in order: one row per "last" segment,
-    `length` rows per "all" segment. `tokens` holds every segment's tokens, concatenated in
-    order; single-token segments must come first (they are attended to as one batch)."""
-    cfg = model.cfg
-    device = model.embed.weight.device
-    n_single = 0
-    while n_single < len(segments) and segments[n_single].length == 1:
-        n_single += 1
-    if any(s.length == 1 for s in segments[n_single:]):
-        raise ValueError("single-token segments must come before the longer ones")
-    pos_list = [p for s in segments for p in range(s.start, s.start + s.length)]
-    slot_list = [s.slot for s in segments for _ in range(s.length)]
-    if max(p for p in pos_list) >= cache.max_len:
-        raise ValueError(f"slot cache holds {cache.max_len} positions; asked for {max(pos_list) + 1}")
-    idx = torch.tensor(tokens, device=device)[None]
-    pos = torch.tensor(pos_list, device=device)
-    slot_idx = torch.tensor(slot_list, device=device)
-    x = model.embed(idx)
-    if cfg.pos_encoding == "learned":
-        x = x + model.pos_embed(pos)
-    elif cfg.pos_encoding == "sinusoidal":
-        x = x + model.sin_table[pos].to(x.dtype)
-    rope = (model.rope_cos[pos], model.rope_sin[pos]) if cfg.pos_encoding == "rope" else None
-    slopes = model.alibi if cfg.pos_encoding == "alibi" else None
+def decode_attention(q, k, v, mask):
+    """Attention of one query per row: q (B, H, 1, D); k, v (B, KV, S, D); mask as _rows_mask
+    makes it, or None. Three small ops where SDPA's flash kernel for CPU spends ~0.3 ms per call
+    on setup at one query (profiled at cpu-tiny's shape, 2 Zen4 cores)."""
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    s = torch.matmul(q.view(B, KV, H // KV, D), k.transpose(-1, -2)) * D**-0.5  # (B, KV, G, S)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            s = s.masked_fill(~mask, float("-inf"))
+        else:
+            s = s + mask.view(B, KV, H // KV, -1)
+    return torch.matmul(torch.softmax(s, dim=-1), v).view(B, H, 1, D)
 
-    singles = segments[:n_single]
-    single_pos = pos[:n_single]
-    single_len = max((s.start + 1 for s in singles), default=0)
-    single_slots = slot_idx[:n_single]
-    # One mask per window size for the batch of single tokens; a lone decode needs none (it may
-    # see every cached position of its own slot).
-    masks = {}
-    for w in set(model.windows):
-        lone = n_single == 1 and w == 0 and slopes is None
-        masks[w] = None if lone or not n_single else _rows_mask(single_pos, single_len, w, slopes, x.dtype)
-    for layer, (block, window) in enumerate(zip(model.layers, model.windows, strict=True)):
-        attn = block.attn
-        q, k, v = attn.project(block.attn_norm(x), rope)  # (1, heads, T, D)
-        ck, cv = cache.k[layer], cache.v[layer]
-        ck[slot_idx, :, pos] = k[0].transpose(0, 1).to(ck.dtype)
-        cv[slot_idx, :, pos] = v[0].transpose(0, 1).to(cv.dtype)
-        ys = []
-        if n_single == 1:
-            s = singles[0]
-            kk, vv = ck[s.slot:s.slot + 1, :, :s.start + 1], cv[s.slot:s.slot + 1, :, :s.start + 1]
-            ys.append(sdpa_attention(q[:, :, :1], kk.to(q.dtype), vv.to(q.dtype), masks[window]))
-        elif n_single:
-            kk, vv = ck[single_slots, :, :single_len], cv[single_slots, :, :single_len]
-            qs = q[0, :, :n_single].transpose(0, 1)[:, :, None]  # (B, heads, 1, D)
-            y = sdpa_attention(qs, kk.to(q.dtype), vv.to(q.dtype), masks[window])
-            ys.append(y[:, :, 0].transpose(0, 1)[None])
-        at = n_single
-        for s in segments[n_single:]:
-            end = s.start + s.length
-            kk, vv = ck[s.slot:s.slot + 1, :, :end], cv[s.slot:s.slot + 1, :, :end]
-            mask = build_mask(s.length, s.start, window, slopes, device, x.dtype)
-            ys.append(sdpa_attention(q[:, :, at:at + s.length], kk.to(q.dtype), vv.to(q.dtype), mask))
+
+class SlotModel:
+    """A Transformer run over a SlotCache: the same computation as Transformer.forward, with the
+    q/k/v projections and SwiGLU's gate/up each fused into one matrix (one matmul instead of
+    three or two; the fused copies cost that much memory again for those weights), and QK-norm
+    and RoPE applied to queries and keys together. dtype: the weights' type for serving (default:
+    the model's); another type runs a converted copy (bfloat16 halves the bytes read per token,
+    which is what batch-1 decode waits on), with position tables kept in float32."""
+
+    def __init__(self, model, dtype: torch.dtype | None = None):
+        if dtype is not None and dtype != model.embed.weight.dtype:
+            device = model.embed.weight.device
+            model = copy.deepcopy(model).to(dtype)
+            model._init_buffers(device)  # float32 position tables, as Transformer makes them
+        self.m = model
+        self.cfg = cfg = model.cfg
+        self.dtype = model.embed.weight.dtype
+        self.fused = []
+        H, KV, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        with torch.no_grad():
+            for block in model.layers:
+                a, mlp = block.attn, block.mlp
+                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+                gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) if mlp.kind == "swiglu" else None
+                qk_norm = None
+                if a.qk_norm and a.rope:  # one weight row per head, queries' then keys'
+                    qk_norm = torch.cat([a.q_norm.weight.expand(H, D), a.k_norm.weight.expand(KV, D)]).float()
+                self.fused.append((qkv, gate_up, qk_norm))
+        self.splits = (H * D, KV * D, KV * D)
+
+    def _qkv(self, block, fused, h, rope):
+        a, cfg = block.attn, self.cfg
+        qkv_w, _, qk_norm = fused
+        T, D = h.shape[1], cfg.head_dim
+        out = F.linear(h, qkv_w)
+        if qk_norm is not None:
+            nq, nk, _ = self.splits
+            qk = out[..., :nq + nk].view(1, T, -1, D).float()
+            qk = F.rms_norm(qk, (D,), eps=a.q_norm.eps) * qk_norm
+            cos, sin = rope[0][:, None], rope[1][:, None]
+            qk = (qk * cos + rotate_half(qk) * sin).to(h.dtype).transpose(1, 2)
+            return qk[:, :cfg.n_heads], qk[:, cfg.n_heads:], out[..., nq + nk:].view(1, T, -1, D).transpose(1, 2)
+        q, k, v = out.split(self.splits, dim=-1)
+        q, k, v = q.view(1, T, -1, D), k.view(1, T, -1, D), v.view(1, T, -1, D)
+        if a.qk_norm:
+            q, k = a.q_norm(q), a.k_norm(k)
+        if a.rope:
+            cos, sin = rope[0][:, None], rope[1][:, None]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _mlp(self, mlp, fused, h):
+        gate_up_w = fused[1]
+        if gate_up_w is None:
+            return mlp(h)
+        g, u = F.linear(h, gate_up_w).chunk(2, dim=-1)
+        return mlp.down_proj(F.silu(g) * u)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: list[int], segments: list[Segment], cache: SlotCache) -> torch.Tensor:
+        """Logits (float32) for the rows the segments ask for, in order: one row per "last"
+        segment, `length` rows per "all" segment. `tokens` holds every segment's tokens,
+        concatenated in order; single-token segments must come first (they are attended to as
+        one batch)."""
+        model, cfg = self.m, self.cfg
+        device = model.embed.weight.device
+        n_single = 0
+        while n_single < len(segments) and segments[n_single].length == 1:
+            n_single += 1
+        if any(s.length == 1 for s in segments[n_single:]):
+            raise ValueError("single-token segments must come before the longer ones")
+        pos_list = [p for s in segments for p in range(s.start, s.start + s.length)]
+        slot_list = [s.slot for s in segments for _ in range(s.length)]
+        if max(pos_list) >= cache.max_len:
+            raise ValueError(f"slot cache holds {cache.max_len} positions; asked for {max(pos_list) + 1}")
+        pos = torch.tensor(pos_list, device=device)
+        slot_idx = torch.tensor(slot_list, device=device)
+        x = F.embedding(torch.tensor(tokens, device=device)[None], model.embed.weight)
+        if cfg.pos_encoding == "learned":
+            x = x + model.pos_embed(pos)
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + model.sin_table[pos].to(x.dtype)
+        rope = (model.rope_cos[pos], model.rope_sin[pos]) if cfg.pos_encoding == "rope" else None
+        slopes = model.alibi if cfg.pos_encoding == "alibi" else None
+
+        singles = segments[:n_single]
+        single_len = max((s.start + 1 for s in singles), default=0)
+        single_slots = slot_idx[:n_single]
+        one = singles[0] if n_single == 1 else None
+        # One mask per window size for the batch of single tokens; a lone decode needs none (it
+        # sees every cached position of its own slot).
+        masks = {}
+        for w in set(model.windows):
+            lone = one is not None and w == 0 and slopes is None
+            masks[w] = None if lone or not n_single else _rows_mask(pos[:n_single], single_len, w, slopes, x.dtype)
+        for layer, (block, window) in enumerate(zip(model.layers, model.windows, strict=True)):
+            fused = self.fused[layer]
+            q, k, v = self._qkv(block, fused, block.attn_norm(x), rope)  # (1, heads, T, D)
+            ck, cv = cache.k[layer], cache.v[layer]
+            if one is not None and len(tokens) == 1:
+                ck[one.slot, :, one.start] = k[0, :, 0]
+                cv[one.slot, :, one.start] = v[0, :, 0]
+            else:
+                ck[slot_idx, :, pos] = k[0].transpose(0, 1).to(ck.dtype)
+                cv[slot_idx, :, pos] = v[0].transpose(0, 1).to(cv.dtype)
+            ys = []
+            if one is not None:
+                kk, vv = ck[one.slot:one.slot + 1, :, :one.start + 1], cv[one.slot:one.slot + 1, :, :one.start + 1]
+                ys.append(decode_attention(q[:, :, :1], kk.to(q.dtype), vv.to(q.dtype), masks[window]))
+            elif n_single:
+                kk, vv = ck[single_slots, :, :single_len], cv[single_slots, :, :single_len]
+                qs = q[0, :, :n_single].transpose(0, 1)[:, :, None]  # (B, heads, 1, D)
+                y = decode_attention(qs, kk.to(q.dtype), vv.to(q.dtype), masks[window])
+                ys.append(y[:, :, 0].transpose(0, 1)[None])
+            at = n_single
+            for s in segments[n_single:]:
+                end = s.start + s.length
+                kk, vv = ck[s.slot:s.slot + 1, :, :end], cv[s.slot:s.slot + 1, :, :end]
+                mask = build_mask(s.length, s.start, window, slopes, device, x.dtype)
+                ys.append(sdpa_attention(q[:, :, at:at + s.length], kk.to(q.dtype), vv.to(q.dtype), mask))
+                at += s.length
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
+            x = x + block.attn.o_proj(y.transpose(1, 2).reshape(1, len(tokens), -1))
+            x = x + self._mlp(block.mlp, fused, block.mlp_norm(x))
+        rows, at = [], 0
+        for s in segments:
+            if s.logits == "last":
+                rows.append(at + s.length - 1)
+            elif s.logits == "all":
+                rows.extend(range(at, at + s.length))
             at += s.length
-        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
-        x = x + attn.o_proj(y.transpose(1, 2).reshape(1, len(tokens), -1))
-        x = x + block.mlp(block.mlp_norm(x))
-    rows, at = [], 0
-    for s in segments:
-        if s.logits == "last":
-            rows.append(at + s.length - 1)
-        elif s.logits == "all":
-            rows.extend(range(at, at + s.length))
-        at += s.length
-    if not rows:
-        return torch.empty(0, cfg.vocab_size, device=device)
-    h = x[0, rows] if rows != list(range(len(tokens))) else x[0]
-    return model._logits(model.norm(h)).float()
+        if not rows:
+            return torch.empty(0, cfg.vocab_size, device=device)
+        h = x[0, rows] if rows != list(range(len(tokens))) else x[0]
+        return model._logits(model.norm(h)).float()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from candorlm.errors import CandorError
-from candorlm.model.slots import Segment, SlotCache, forward_segments
+from candorlm.model.slots import Segment, SlotCache, SlotModel
 from candorlm.serve.handle import RequestHandle, TokenEvent
 from candorlm.serve.sampling import SamplingParams, SequenceSampler
 from candorlm.serve.speculative import propose
@@ -58,10 +58,12 @@ class Engine:
     n > 1 takes n). max_seq_len: positions per slot (default: the model's context).
     step_tokens: tokens computed per step at most (decodes first, then prefill chunks).
     prefix_cache: reuse cached prompt prefixes. speculative: prompt-lookup draft length for
-    greedy requests (0: off); the output is the same, fewer steps when the text repeats."""
+    greedy requests (0: off); the output is the same, fewer steps when the text repeats.
+    dtype: "float32" or "bfloat16" weights and KV cache (default: the model's); bfloat16 reads
+    half the bytes per token (fast where the CPU has AVX512-BF16 or AMX; see bench/decode.py)."""
 
     def __init__(self, model, *, max_slots: int = 16, max_seq_len: int | None = None, step_tokens: int = 512,
-                 prefix_cache: bool = True, speculative: int = 0):
+                 prefix_cache: bool = True, speculative: int = 0, dtype: str | None = None):
         cfg = model.model.cfg
         limit = cfg.max_seq_len
         max_seq_len = limit if max_seq_len is None else max_seq_len
@@ -73,6 +75,9 @@ class Engine:
             raise CandorError(f"step_tokens={step_tokens}: accepted: an integer >= max_slots ({max_slots})")
         if not 0 <= speculative <= 16:
             raise CandorError(f"speculative={speculative}: accepted: an integer in [0, 16] (0: off)")
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        if dtype is not None and dtype not in dtypes:
+            raise CandorError(f"dtype={dtype!r}: accepted: {', '.join(dtypes)} (default: the model's)")
         self.lm = model
         self.model = model.model.eval()
         self.tokenizer = model.tokenizer
@@ -80,7 +85,8 @@ class Engine:
         self.device = self.model.embed.weight.device
         self.max_slots, self.max_seq_len, self.step_tokens = max_slots, max_seq_len, step_tokens
         self.prefix_cache, self.speculative = prefix_cache, speculative
-        self.cache = SlotCache(cfg, max_slots, max_seq_len, device=self.device, dtype=self.model.embed.weight.dtype)
+        self.forward = SlotModel(self.model, dtypes.get(dtype))
+        self.cache = SlotCache(cfg, max_slots, max_seq_len, device=self.device, dtype=self.forward.dtype)
         self.eos_ids = set(model.stop_ids)
         self._owner: list[_Seq | None] = [None] * max_slots  # the last sequence in each slot
         self._free: list[int] = list(range(max_slots))  # least recently used first
@@ -282,7 +288,7 @@ class Engine:
         plan = singles + multis
         self.counters["steps"] += 1
         tokens = [t for p in plan for t in p[1]]
-        logits = forward_segments(self.model, tokens, [p[0] for p in plan], self.cache)
+        logits = self.forward(tokens, [p[0] for p in plan], self.cache)
         row = 0
         for seg, toks, r, s in plan:
             n_rows = {"none": 0, "last": 1, "all": seg.length}[seg.logits]
