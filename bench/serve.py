@@ -1,0 +1,126 @@
+"""Throughput of `candor serve` under concurrent streaming clients: aggregate generated tokens/s
+and time to first token at 1, 4 and 16 concurrent streams (target: 16 streams >= 6x the
+aggregate of 1), through the real HTTP server and the official wire format.
+
+    python bench/serve.py [--model DIR] [--tokens 128] [--rounds 2] [--streams 1,4,16]
+
+Without --model, the cpu-tiny-shaped random model of bench/decode.py. The server runs as a
+subprocess (`candor serve --port 0 --max-slots 16`); the clients are asyncio streams in this
+process, each a different prompt, greedy, `ignore_eos` so each makes exactly --tokens tokens.
+Aggregate tokens/s: all streams' completion tokens (from the usage chunk) over the wall time
+from the first request sent to the last stream's end; TTFT: from a request sent to its first
+content chunk (mean and worst over the streams). Best round by aggregate. Clients and server
+share the machine's cores, as they would on a laptop. Last line: JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_server(model_dir: Path, run_dir: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", str(ROOT))}
+    proc = subprocess.Popen([sys.executable, "-m", "candorlm", "serve", "--model", str(model_dir), "--port", "0",
+                             "--max-slots", "16", "--run-dir", str(run_dir)], stdout=subprocess.PIPE, text=True,
+                            env=env)
+    line = proc.stdout.readline()
+    if "listening on " not in line:
+        proc.kill()
+        raise SystemExit(f"candor serve did not start: {line}")
+    url = line.split("listening on ")[1].split()[0]
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("candor serve did not load its model in 120 s")
+
+
+async def one_stream(client, url: str, i: int, tokens: int, t0: float) -> tuple[float, int]:
+    """(seconds from t0 to the first content chunk, completion tokens)."""
+    body = {"messages": [{"role": "user", "content": f"Request {i}: write a function that adds {i} and {i + 1}."}],
+            "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    first, used = None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event["choices"] and event["choices"][0]["delta"].get("content") and first is None:
+                first = time.perf_counter() - t0
+            if event.get("usage") and not event["choices"]:
+                used = event["usage"]["completion_tokens"]
+    return first, used
+
+
+async def measure(url: str, streams: int, tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 2)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(one_stream(client, url, i, tokens, t0) for i in range(streams)))
+        wall = time.perf_counter() - t0
+    ttft = [g[0] for g in got]
+    total = sum(g[1] for g in got)
+    return {"streams": streams, "tokens": total, "seconds": round(wall, 3), "tok_s": round(total / wall, 1),
+            "ttft_mean_s": round(sum(ttft) / len(ttft), 4), "ttft_max_s": round(max(ttft), 4)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", help="a model directory (default: bench/decode.py's random cpu-tiny-shaped one)")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens per stream")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--streams", default="1,4,16")
+    args = ap.parse_args(argv)
+    counts = [int(x) for x in args.streams.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if args.model:
+            model = Path(args.model)
+        else:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from decode import make_model
+
+            model = make_model(tmp)
+        proc, url = start_server(model, tmp / "run")
+        try:
+            asyncio.run(measure(url, 2, 8))  # warm-up: first-call costs out of the figures
+            best: dict[int, dict] = {}
+            for _ in range(args.rounds):
+                for n in counts:
+                    r = asyncio.run(measure(url, n, args.tokens))
+                    print(json.dumps(r), flush=True)
+                    if n not in best or r["tok_s"] > best[n]["tok_s"]:
+                        best[n] = r
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    out = {"bench": "serve", "tokens_per_stream": args.tokens, "results": [best[n] for n in counts],
+           "cpu_threads": os.cpu_count()}
+    if 1 in best and max(counts) > 1:
+        out[f"aggregate_{max(counts)}_vs_1"] = round(best[max(counts)]["tok_s"] / best[1]["tok_s"], 2)
+    print(json.dumps(out))
+    return out
+
+
+if __name__ == "__main__":
+    main()
