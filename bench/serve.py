@@ -11,7 +11,8 @@ Aggregate tokens/s: all streams' completion tokens (from the usage chunk) over t
 from the first request sent to the last stream's end; TTFT: from a request sent to its first
 content chunk (mean and worst over the streams). Best round by aggregate. The same requests
 straight into an in-process Engine first (`engine_direct`), so `server_vs_engine` is what HTTP,
-JSON and the event loop cost. Clients and server
+JSON and the event loop cost. Last, the time from a client closing its stream mid-answer to
+/metrics showing its slot free. Clients and server
 share the machine's cores, as they would on a laptop. Last line: JSON.
 """
 
@@ -78,6 +79,7 @@ async def measure(url: str, streams: int, tokens: int) -> dict:
 
     limits = httpx.Limits(max_connections=streams + 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await client.get(f"{url}/health")  # the client's own first-request costs out of the figures
         t0 = time.perf_counter()
         got = await asyncio.gather(*(one_stream(client, url, i, tokens, t0) for i in range(streams)))
         wall = time.perf_counter() - t0
@@ -135,6 +137,27 @@ def engine_direct(model_dir: Path, counts: list[int], tokens: int, rounds: int) 
     return best
 
 
+async def disconnect_seconds(url: str) -> float:
+    """Seconds from closing a streaming request's connection, mid-answer, until /metrics shows no
+    request running (the slot is free again)."""
+    import httpx
+
+    body = {"messages": [{"role": "user", "content": "A long answer."}], "max_tokens": 100_000, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(timeout=60) as client:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and '"role"' not in line:
+                    break  # answering: leave mid-stream, closing the connection
+        t0 = time.perf_counter()
+        while True:
+            text = (await client.get(f"{url}/metrics")).text
+            running = [line for line in text.splitlines() if line.startswith("candor:num_requests_running")]
+            if running and float(running[0].split()[-1]) == 0:
+                return round(time.perf_counter() - t0, 4)
+            await asyncio.sleep(0.005)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="a model directory (default: bench/decode.py's random cpu-tiny-shaped one)")
@@ -164,13 +187,14 @@ def main(argv=None) -> dict:
                     print(json.dumps(r), flush=True)
                     if n not in best or r["tok_s"] > best[n]["tok_s"]:
                         best[n] = r
+            freed = asyncio.run(disconnect_seconds(url))
         finally:
             proc.terminate()
             proc.wait(30)
     out = {"bench": "serve", "tokens_per_stream": args.tokens, "results": [best[n] for n in counts],
            "engine_direct": [direct[n] for n in counts],
            "server_vs_engine": [round(best[n]["tok_s"] / direct[n]["tok_s"], 2) for n in counts],
-           "cpu_threads": os.cpu_count()}
+           "disconnect_to_free_slot_s": freed, "cpu_threads": os.cpu_count()}
     if 1 in best and max(counts) > 1:
         out[f"aggregate_{max(counts)}_vs_1"] = round(best[max(counts)]["tok_s"] / best[1]["tok_s"], 2)
     print(json.dumps(out))

@@ -40,7 +40,7 @@ def page(server):
         pg = browser.new_page()
         pg.errors = []
         pg.on("pageerror", lambda e: pg.errors.append(str(e)))
-        pg.set_default_timeout(60_000)
+        pg.set_default_timeout(120_000)  # a busy 2-core machine: Chromium and the server share it
         pg.goto(server.url)
         pg.click("#toggle-settings")
         for field, value in (("api-key", API_KEY), ("temperature", "0"), ("max_tokens", "8")):

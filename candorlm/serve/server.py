@@ -356,6 +356,9 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opti
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted connections inherit this (Linux): without it Nagle's algorithm holds each small SSE
+    # chunk until the client's delayed ACK, ~40 ms, which was most of one stream's time to first token.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
