@@ -9,9 +9,10 @@ weights and a tokenizer trained on a few standard-library modules is made in a t
 does not depend on what the weights say, and greedy decoding ignores the end token here, so
 every peer decodes exactly --tokens tokens. Decode rate: (tokens - 1) / (time of the last token -
 time of the first), so prefill is left out; the best of --rounds, peers interleaved. Every peer
-runs float32 on --threads threads, but `engine_bf16` (the engine with bfloat16 weights and KV
-cache) and llama_q8_0; the ratios compare the float32 engine with each. Last line: JSON, with
-each peer's tokens/s and the float32 engine's ratio to each.
+runs float32 on --threads threads but the `_bf16` engines (bfloat16 weights and KV cache) and
+llama_q8_0; `_compiled` engines run the lone decode step through torch.compile (its ~30-40 s
+of compiling fall in the warm-up round). Last line: JSON, with each peer's tokens/s and each
+engine variant's ratio to each peer.
 """
 
 from __future__ import annotations
@@ -53,14 +54,14 @@ def make_model(d: Path) -> Path:
     return out
 
 
-def engine_peer(model_dir: Path, n: int, dtype: str | None = None):
+def engine_peer(model_dir: Path, n: int, dtype: str | None = None, compile: bool = False):
     import candorlm
     from candorlm.serve.engine import Engine
     from candorlm.serve.sampling import SamplingParams
 
     lm = candorlm.load(model_dir)
     ids = [lm.tokenizer.bos_id] + lm.tokenizer.encode(PROMPT)
-    engine = Engine(lm, max_slots=1, dtype=dtype)
+    engine = Engine(lm, max_slots=1, dtype=dtype, compile=compile)
     engine.start()
 
     def run():
@@ -111,7 +112,7 @@ def llama_peer(model_dir: Path, n: int, tmp: Path, kind: str, threads: int):
     from candorlm.tokenizer import Tokenizer
 
     path = export_gguf(model_dir, tmp / f"model-{kind}.gguf", kind)
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, n_batch=512,
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=threads, n_threads_batch=threads, n_batch=256,
                           verbose=False, seed=0)
     tok = Tokenizer.load(model_dir)
     ids = [tok.bos_id] + tok.encode(PROMPT)
@@ -134,7 +135,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="engine,engine_bf16,hf,llama_f32,llama_q8_0")
+    ap.add_argument("--only", default="engine,engine_compiled,engine_bf16,engine_bf16_compiled,hf,llama_f32,llama_q8_0")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from candorlm.device import configure_cpu_allocator
@@ -145,7 +146,9 @@ def main(argv=None) -> dict:
         model_dir = Path(args.model) if args.model else make_model(tmp)
         wanted = args.only.split(",")
         builders = {"engine": lambda: engine_peer(model_dir, args.tokens),
+                    "engine_compiled": lambda: engine_peer(model_dir, args.tokens, compile=True),
                     "engine_bf16": lambda: engine_peer(model_dir, args.tokens, "bfloat16"),
+                    "engine_bf16_compiled": lambda: engine_peer(model_dir, args.tokens, "bfloat16", True),
                     "hf": lambda: hf_peer(model_dir, args.tokens, tmp),
                     "llama_f32": lambda: llama_peer(model_dir, args.tokens, tmp, "f32", args.threads),
                     "llama_q8_0": lambda: llama_peer(model_dir, args.tokens, tmp, "q8_0", args.threads)}
@@ -167,15 +170,15 @@ def main(argv=None) -> dict:
         for close in closers:
             close()
     cpu = "Zen4 AVX512-BF16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no AVX512-BF16"
-    print(f"batch-1 greedy decode, {args.tokens} tokens, float32, {args.threads} threads, {cpu}")
+    print(f"batch-1 greedy decode, {args.tokens} tokens, {args.threads} threads, {cpu}")
+    engines = [k for k in rates if k.startswith("engine")]
+    peers_ = [k for k in rates if not k.startswith("engine")]
+    ratios = {e: {p: round(rates[e] / rates[p], 2) for p in peers_} for e in engines}
     for name, r in rates.items():
-        ratio = f"  engine/{name} = {rates['engine'] / r:.2f}x" if "engine" in rates and name != "engine" else ""
-        ratio = "" if name == "engine_bf16" else ratio
-        print(f"  {name:12s} {r:8.1f} tok/s{ratio}")
+        shown = "  ".join(f"{p} {x:.2f}x" for p, x in ratios.get(name, {}).items())
+        print(f"  {name:22s} {r:8.1f} tok/s  {shown}")
     result = {"bench": "decode", "tokens": args.tokens, "threads": args.threads, "cpu": cpu,
-              "tok_s": {k: round(v, 1) for k, v in rates.items()},
-              "engine_ratio": {k: round(rates["engine"] / v, 2) for k, v in rates.items()
-                               if "engine" in rates and k != "engine"}}
+              "tok_s": {k: round(v, 1) for k, v in rates.items()}, "ratios": ratios}
     print(json.dumps(result))
     return result
 

@@ -294,3 +294,14 @@ def test_threaded_engine_serves_concurrent_async_readers(lm):
     stats = engine.stats()
     assert stats["running"] == 0 and stats["generation_tokens_total"] == sum(map(len, got))
     assert stats["prompt_tokens_total"] == sum(map(len, ps))
+
+
+@pytest.mark.slow
+def test_compiled_lone_decode_equals_eager(lm):
+    """The compiled one-token step (attention over the whole slot under a mask) decodes what the
+    eager path decodes, also after the slot held a longer earlier sequence."""
+    eager, compiled = Engine(lm, max_slots=1), Engine(lm, max_slots=1, compile=True)
+    for p in prompts(lm, 9)[6:]:
+        a = run(eager, [eager.submit(p, SamplingParams(max_tokens=20, temperature=0))])
+        b = run(compiled, [compiled.submit(p, SamplingParams(max_tokens=20, temperature=0))])
+        assert a[0][0]["ids"] == b[0][0]["ids"]

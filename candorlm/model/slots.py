@@ -88,9 +88,10 @@ class SlotModel:
     three or two; the fused copies cost that much memory again for those weights), and QK-norm
     and RoPE applied to queries and keys together. dtype: the weights' type for serving (default:
     the model's); another type runs a converted copy (bfloat16 halves the bytes read per token,
-    which is what batch-1 decode waits on), with position tables kept in float32."""
+    which is what batch-1 decode waits on), with position tables kept in float32. compile: run
+    a lone decode (one sequence, one token) as one compiled graph."""
 
-    def __init__(self, model, dtype: torch.dtype | None = None):
+    def __init__(self, model, dtype: torch.dtype | None = None, compile: bool = False):
         if dtype is not None and dtype != model.embed.weight.dtype:
             device = model.embed.weight.device
             model = copy.deepcopy(model).to(dtype)
@@ -110,6 +111,10 @@ class SlotModel:
                     qk_norm = torch.cat([a.q_norm.weight.expand(H, D), a.k_norm.weight.expand(KV, D)]).float()
                 self.fused.append((qkv, gate_up, qk_norm))
         self.splits = (H * D, KV * D, KV * D)
+        # One sequence decoding alone (batch 1) runs a fixed-shape step, attending over the slot's
+        # whole cache under a mask, so torch.compile builds it once (gpt-fast's recipe): per-op
+        # dispatch is most of a small model's decode step.
+        self._one = torch.compile(self._decode_one, fullgraph=True, dynamic=False) if compile else None
 
     def _qkv(self, block, fused, h, rope):
         a, cfg = block.attn, self.cfg
@@ -139,6 +144,27 @@ class SlotModel:
         g, u = F.linear(h, gate_up_w).chunk(2, dim=-1)
         return mlp.down_proj(F.silu(g) * u)
 
+    def _decode_one(self, token, pos, slot, ks, vs):
+        """Logits (1, V) of `token` (1,) at position `pos` (1,) of slot `slot` (1,), all tensors."""
+        model, cfg = self.m, self.cfg
+        x = F.embedding(token[None], model.embed.weight)
+        if cfg.pos_encoding == "learned":
+            x = x + model.pos_embed(pos)
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + model.sin_table[pos].to(x.dtype)
+        rope = (model.rope_cos[pos], model.rope_sin[pos]) if cfg.pos_encoding == "rope" else None
+        slopes = model.alibi if cfg.pos_encoding == "alibi" else None
+        masks = {w: _rows_mask(pos, ks[0].shape[2], w, slopes, x.dtype) for w in set(model.windows)}
+        for layer, (block, window) in enumerate(zip(model.layers, model.windows, strict=True)):
+            fused = self.fused[layer]
+            q, k, v = self._qkv(block, fused, block.attn_norm(x), rope)
+            ks[layer][slot, :, pos] = k[0].transpose(0, 1)
+            vs[layer][slot, :, pos] = v[0].transpose(0, 1)
+            y = decode_attention(q, ks[layer][slot], vs[layer][slot], masks[window])
+            x = x + block.attn.o_proj(y.transpose(1, 2).reshape(1, 1, -1))
+            x = x + self._mlp(block.mlp, fused, block.mlp_norm(x))
+        return model._logits(model.norm(x[0])).float()
+
     @torch.inference_mode()
     def __call__(self, tokens: list[int], segments: list[Segment], cache: SlotCache) -> torch.Tensor:
         """Logits (float32) for the rows the segments ask for, in order: one row per "last"
@@ -156,6 +182,10 @@ class SlotModel:
         slot_list = [s.slot for s in segments for _ in range(s.length)]
         if max(pos_list) >= cache.max_len:
             raise ValueError(f"slot cache holds {cache.max_len} positions; asked for {max(pos_list) + 1}")
+        if self._one is not None and len(tokens) == 1:
+            t = torch.tensor([tokens[0], pos_list[0], slot_list[0]], device=device)
+            logits = self._one(t[:1], t[1:2], t[2:3], cache.k, cache.v)
+            return logits if segments[0].logits != "none" else logits[:0]
         pos = torch.tensor(pos_list, device=device)
         slot_idx = torch.tensor(slot_list, device=device)
         x = F.embedding(torch.tensor(tokens, device=device)[None], model.embed.weight)
