@@ -147,7 +147,8 @@ def cmd_chat(args) -> None:
 def cmd_serve(args) -> None:
     from candorlm.serve.server import ServeOptions, serve
 
-    engine = {"max_slots": args.max_slots, "prefix_cache": not args.no_prefix_cache, "speculative": args.speculative}
+    engine = {"max_slots": args.max_slots, "prefix_cache": not args.no_prefix_cache, "speculative": args.speculative,
+              "dtype": args.dtype, "compile": args.compile}
     if args.max_model_len:
         engine["max_seq_len"] = args.max_model_len
     if args.max_concurrency < 1 or args.max_body_bytes < 1:
@@ -337,6 +338,9 @@ def _serve_parsers(sub) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
     p.add_argument("--speculative", type=int, default=0, help="prompt-lookup draft tokens for greedy requests (0: off)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="weights and KV cache (default: the model's; bfloat16 where the CPU runs it natively)")
+    p.add_argument("--compile", action="store_true", help="compile the one-token decode (~30-40 s at start)")
     p.add_argument("--run-dir", default="runs/serve", help="where feedback.db is kept (default runs/serve)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     p.set_defaults(func=cmd_serve)

@@ -74,6 +74,14 @@ def test_models_health_and_exact_usage(client, server, tok):
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": tok.encode("x = 1")}).json() == {"prompt": "x = 1"}
 
 
+def test_missing_fields_take_the_models_generation_config(client, server, chat_model):
+    gen = json.loads((chat_model / "generation_config.json").read_text())
+    r = chat(client, server)  # no max_tokens: generation_config's max_new_tokens, not the whole context
+    assert r.usage.completion_tokens == gen["max_new_tokens"] and r.choices[0].finish_reason == "length"
+    [m] = client.models.list().data
+    assert m.generation_config == gen
+
+
 def test_streaming_equals_non_streaming_with_one_finish_and_the_usage_chunk(client, server):
     whole = chat(client, server, max_tokens=24, temperature=0)
     chunks = list(chat(client, server, max_tokens=24, temperature=0, stream=True,
