@@ -74,6 +74,20 @@ def test_models_health_and_exact_usage(client, server, tok):
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": tok.encode("x = 1")}).json() == {"prompt": "x = 1"}
 
 
+def test_extra_body_fields_batched_prompts_and_request_ids(client, server):
+    greedy = chat(client, server, max_tokens=12, temperature=0).choices[0].message.content
+    top1 = chat(client, server, max_tokens=12, temperature=1.5, seed=3, extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == greedy  # top_k=1 through extra_body: only the argmax is left
+    hot = chat(client, server, max_tokens=12, temperature=1.5, seed=3, extra_body={"min_p": 0.0, "top_k": 0})
+    assert hot.choices[0].message.content != greedy
+    alone = [client.completions.create(model=server.name, prompt=p, max_tokens=6, temperature=0).choices[0].text
+             for p in ("def", "import")]
+    both = client.completions.create(model=server.name, prompt=["def", "import"], max_tokens=6, temperature=0)
+    assert [c.index for c in both.choices] == [0, 1] and [c.text for c in both.choices] == alone
+    r = httpx.get(f"{server.url}/v1/models", headers={**AUTH, "X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123" and len(httpx.get(f"{server.url}/health").headers["x-request-id"])
+
+
 def test_missing_fields_take_the_models_generation_config(client, server, chat_model):
     gen = json.loads((chat_model / "generation_config.json").read_text())
     r = chat(client, server)  # no max_tokens: generation_config's max_new_tokens, not the whole context
