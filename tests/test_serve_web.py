@@ -121,6 +121,15 @@ def test_chat_stream_stop_rate_prefer_and_export(page, server, tmp_path):
     page.reload()  # conversations live in the browser
     page.wait_for_function("() => document.querySelectorAll('#messages > .msg.assistant').length === 3")
     assert _answers(page)[0] == first and _answers(page)[2] == b
+    assert page.input_value("#max_tokens") == "8"  # settings are kept too
+    page.click("#toggle-settings")
+    page.fill("#temperature", "0")
+    before = _answers(page)
+    page.click("#messages .regenerate")  # only the last answer has one: replaced by a new, greedy one
+    page.wait_for_function("() => document.getElementById('speed').textContent.startsWith('8 tokens, ')")
+    page.wait_for_function(IDLE)
+    assert len(_answers(page)) == 3 and _answers(page)[:2] == before[:2]
+    assert "tokens/s" in page.text_content("#speed")
 
     env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}
     for fmt in ("sft", "dpo"):
