@@ -305,3 +305,52 @@ def test_compiled_lone_decode_equals_eager(lm):
         a = run(eager, [eager.submit(p, SamplingParams(max_tokens=20, temperature=0))])
         b = run(compiled, [compiled.submit(p, SamplingParams(max_tokens=20, temperature=0))])
         assert a[0][0]["ids"] == b[0][0]["ids"]
+
+
+def test_logit_bias_penalties_and_min_p(lm):
+    p = prompts(lm, 4)[3]
+    engine = Engine(lm, max_slots=2)
+
+    def ids(**settings):
+        return run(engine, [engine.submit(p, SamplingParams(max_tokens=12, **settings))])[0][0]["ids"]
+
+    greedy = ids(temperature=0)
+    assert ids(temperature=0, logit_bias={77: 100.0}) == [77] * 12  # the bias wins every step
+    assert ids(temperature=1.0, min_p=1.0, seed=3) == greedy  # only the most likely token is left
+    assert ids(temperature=0, repetition_penalty=1.3) == reference(lm, p, 12, temperature=0, repetition_penalty=1.3)
+    # OpenAI's penalties, recomputed by hand: logits - frequency * count - presence * (count > 0)
+    seq, counts = list(p), torch.zeros(lm.model.cfg.vocab_size)
+    for _ in range(12):
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([seq]))[0, -1]
+        t = int((logits - 0.7 * counts - 0.5 * (counts > 0)).argmax())
+        seq.append(t)
+        counts[t] += 1
+    assert ids(temperature=0, frequency_penalty=0.7, presence_penalty=0.5, ignore_eos=True) == seq[len(p):]
+    assert ids(temperature=0, frequency_penalty=0.7, ignore_eos=True) != seq[len(p):]  # each penalty counts
+    assert ids(temperature=0, ignore_eos=True) != seq[len(p):]
+
+
+class _Bytes:
+    """A tokenizer stand-in whose token i is table[i]."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def id_to_bytes(self, i):
+        return self.table[i]
+
+
+def test_text_stream_holds_back_split_characters_and_stop_prefixes():
+    from candorlm.serve.text import TextStream
+
+    table = {10: "é".encode()[:1], 11: "é".encode()[1:], 12: b"ab", 13: b"c#", 14: b"#d", 15: b"x"}
+    s = TextStream(_Bytes(table), stop=["##"])
+    assert s.push(10) == ("", False)  # half a character
+    assert s.push(11) == ("é", False)
+    assert s.push(13) == ("c", False)  # '#' may start "##"
+    assert s.push(14) == ("", True)  # the stop string spans two tokens and is cut out
+    s = TextStream(_Bytes(table), stop=["##"])
+    assert [s.push(t) for t in (13, 15)] == [("c", False), ("#x", False)]
+    assert s.push(13) == ("c", False) and s.flush() == "#"
+    assert TextStream(_Bytes(table)).push(0) == ("", False)  # special tokens stand for no text

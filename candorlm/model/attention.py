@@ -150,17 +150,6 @@ class Attention(nn.Module):
         """x: (B, T, d_model); rope: (cos, sin) for the positions of x, or None; attend and mask
         from plan_attention; cache: keys and values of positions [0, start) (decoding)."""
         B, T, _ = x.shape
-        q, k, v = self.project(x, rope)
-        if cache is not None:
-            k, v = cache.write(self.layer, k, v, start)
-        y = attend(q, k, v, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-    def project(self, x, rope):
-        """Queries, keys and values of x, normed and rotated: (B, heads, T, head_dim) each; rope's
-        (cos, sin) are (T, head_dim), one row per position of x, so the positions need not be
-        consecutive (the serving engine packs many sequences into one row)."""
-        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.hd)
         k = self.k_proj(x).view(B, T, -1, self.hd)
         v = self.v_proj(x).view(B, T, -1, self.hd).transpose(1, 2)
@@ -173,4 +162,7 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             if self.rope:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return q, k, v
+        if cache is not None:
+            k, v = cache.write(self.layer, k, v, start)
+        y = attend(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

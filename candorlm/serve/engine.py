@@ -102,12 +102,20 @@ class Engine:
         self._stopping = False
         self._ids = itertools.count()
         self._lltok = None
+        self._warm = False
         self.counters = dict(prefix_queries=0, prefix_hits=0, prompt_tokens_total=0, generation_tokens_total=0,
                              steps=0, draft_tokens=0, draft_accepted=0)
 
     # --- public
 
     def start(self) -> None:
+        """Start the stepping thread; with compile=True, build the compiled step first (so a
+        server is ready when this returns, instead of stalling its first request)."""
+        if self.forward._one is not None and not self._warm and not self._running:
+            with self._lock:  # a scratch decode in slot 0, whose cached prefix it overwrites
+                self.forward([0], [Segment(0, 0, 1)], self.cache)
+                self._owner[0] = None
+            self._warm = True
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="candor-engine", daemon=True)
@@ -145,6 +153,8 @@ class Engine:
         req.seqs = [_Seq(i, list(prompt), self._sampler(params, prompt, i), TextStream(self.tokenizer, params.stop))
                      for i in range(params.n)]
         with self._lock:
+            if self._stopping:
+                raise CandorError("the engine is stopped: start() it again to submit requests")
             self._inbox.append(req)
             self._lock.notify_all()
         return handle
