@@ -137,8 +137,34 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from candorlm.tune.chat import run_chat
 
+    if (args.model is None) == (args.url is None):
+        raise CandorError("candor chat needs --model DIR (a model directory) or --url URL (a running candor serve)")
     run_chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+             url=args.url, api_key=args.api_key or os.environ.get("CANDOR_API_KEY"))
+
+
+def cmd_serve(args) -> None:
+    from candorlm.serve.server import ServeOptions, serve
+
+    engine = {"max_slots": args.max_slots, "prefix_cache": not args.no_prefix_cache, "speculative": args.speculative,
+              "dtype": args.dtype, "compile": args.compile}
+    if args.max_model_len:
+        engine["max_seq_len"] = args.max_model_len
+    if args.max_concurrency < 1 or args.max_body_bytes < 1:
+        raise CandorError(f"--max-concurrency {args.max_concurrency} and --max-body-bytes {args.max_body_bytes} "
+                          "must be >= 1")
+    key = args.api_key or os.environ.get("CANDOR_API_KEY") or None
+    opts = ServeOptions(served_name=args.served_model_name, api_key=key, max_concurrency=args.max_concurrency,
+                        max_body_bytes=args.max_body_bytes, run_dir=args.run_dir, engine=engine)
+    serve(args.model, host=args.host, port=args.port, options=opts, log_level=args.log_level)
+
+
+def cmd_feedback(args) -> None:
+    from candorlm.serve.feedback import open_store
+
+    n = open_store(args.run_dir, create=False).export(args.format, args.out, args.model_version)
+    print(f"{n} {args.format} records written to {args.out}")
 
 
 def cmd_eval(args) -> None:
@@ -306,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with a model in the terminal (/help lists the commands)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="a model directory")
+    p.add_argument("--url", default=None, help="instead of --model: a running `candor serve`, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="the server's API key, with --url (also CANDOR_API_KEY)")
     p.add_argument("--system", default=None, help="the system prompt (/system TEXT changes it)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: generation_config.json)")
     p.add_argument("--temperature", type=float, default=None, help="0: greedy")
@@ -316,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="> 1 makes tokens already in the context less likely (1: off)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
+
+    _serve_parsers(sub)
 
     p = sub.add_parser("eval", help="evaluate a model: bits per byte, tasks, HumanEval, bias probes, robustness")
     p.add_argument("--model", required=True)
@@ -390,6 +420,37 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)  # curation settings too: --set curate.FIELD=VALUE
     p.set_defaults(func=cmd_run)
     return ap
+
+
+def _serve_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible API server and a web chat for a model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (also CANDOR_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="requests held at once, running or queued; more get 429 (default 64)")
+    p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-model-len", type=int, default=0, help="context per sequence (default 0: the model's)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
+    p.add_argument("--speculative", type=int, default=0, help="prompt-lookup draft tokens for greedy requests (0: off)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="weights and KV cache (default: the model's; bfloat16 where the CPU runs it natively)")
+    p.add_argument("--compile", action="store_true", help="compile the one-token decode (~30-40 s at start)")
+    p.add_argument("--run-dir", default="runs/serve", help="where feedback.db is kept (default runs/serve)")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("feedback", help="the web chat's feedback as training data")
+    fsub = p.add_subparsers(dest="action", required=True)
+    e = fsub.add_parser("export", help="JSONL for `candor sft` (answers rated up) or `candor dpo` (preferences)")
+    e.add_argument("--format", required=True, choices=("sft", "dpo"))
+    e.add_argument("--run-dir", default="runs/serve", help="the server's --run-dir (default runs/serve)")
+    e.add_argument("--out", required=True, help="the JSONL file to write")
+    e.add_argument("--model-version", default=None, help="only feedback on this model version")
+    e.set_defaults(func=cmd_feedback)
 
 
 def main(argv: list[str] | None = None) -> None:
