@@ -392,6 +392,8 @@ class SFTConfig(Section):
     holdout_fraction: Annotated[float, "[0, 1)"] = 0.05  # of a file's conversations; a mined set keeps its own split
     eval_every: Annotated[int, ">= 0 (0: only at the end)"] = 100
     eval_examples: Annotated[int, ">= 1"] = 256  # held-out conversations scored per evaluation
+    # held-out "Write a Python function" prompts that `candor run` has base and chat answer greedily
+    eval_prompts: Annotated[int, ">= 0"] = 24
     save_every: Annotated[int, ">= 0 (0: off)"] = 200
     log_every: Annotated[int, ">= 1"] = 10
     seed: int = 0

@@ -42,19 +42,25 @@ class ChatData:
     train: list[Encoded]
     held_out: list[Encoded]
     info: dict = field(default_factory=dict)
+    held_conversations: list = field(default_factory=list)  # the held-out chat_data.Conversations, before encoding
+
+
+def split_chats(data: str | Path, holdout_fraction: float, seed: int = 0) -> tuple[list, list, list]:
+    """(training conversations, held-out ones, the ChatSets read) of `data`: a directory's own
+    train.jsonl / validation.jsonl split, else a hashed holdout_fraction held out."""
+    p = Path(data)
+    if p.is_dir() and (p / "train.jsonl").is_file() and (p / "validation.jsonl").is_file():
+        parts = [read_chats(p / "train.jsonl"), read_chats(p / "validation.jsonl")]
+        return parts[0].conversations, parts[1].conversations, parts
+    parts = [read_chats(p)]
+    return *split_holdout(parts[0].conversations, holdout_fraction, seed), parts
 
 
 def load_chats(data: str | Path, tokenizer, seq_len: int, holdout_fraction: float, seed: int = 0) -> ChatData:
-    """The training and held-out conversations of `data`, encoded; those longer than seq_len + 1
-    tokens are skipped and counted, as are records chat_data cannot train on."""
-    p = Path(data)
-    own_split = p.is_dir() and (p / "train.jsonl").is_file() and (p / "validation.jsonl").is_file()
-    if own_split:
-        parts = [read_chats(p / "train.jsonl"), read_chats(p / "validation.jsonl")]
-        train_c, held_c = parts[0].conversations, parts[1].conversations
-    else:
-        parts = [read_chats(p)]
-        train_c, held_c = split_holdout(parts[0].conversations, holdout_fraction, seed)
+    """The training and held-out conversations of `data` (`split_chats`), encoded; those
+    longer than seq_len + 1 tokens are skipped and counted, as are records chat_data cannot
+    train on."""
+    train_c, held_c, parts = split_chats(data, holdout_fraction, seed)
     skipped = Counter()
     for part in parts:
         skipped.update(part.skipped)
@@ -62,13 +68,13 @@ def load_chats(data: str | Path, tokenizer, seq_len: int, holdout_fraction: floa
     held, skip_h = encode_chats(tokenizer, held_c, seq_len + 1)
     skipped.update(skip_t + skip_h)
     info = {"data": str(data), "read": sum(part.read for part in parts), "train": len(train), "held_out": len(held),
-            "split": "the data's own (train.jsonl, validation.jsonl)" if own_split
+            "split": "the data's own (train.jsonl, validation.jsonl)" if len(parts) == 2
             else f"hashed: {holdout_fraction:g} of the conversations held out",
             "skipped": dict(sorted(skipped.items()))}
     if not train:
         raise CandorError(f"sft data {data}: no conversation to train on ({info['read']} records read, "
                           f"{len(train_c)} for training; skipped: {info['skipped'] or 'none'})")
-    return ChatData(train, held, info)
+    return ChatData(train, held, info, held_c)
 
 
 @torch.no_grad()
