@@ -6,9 +6,6 @@ however it is batched, and refuses a malformed line before writing anything."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ from candorlm.tune.chat_data import IGNORE_INDEX
 from candorlm.tune.lora import load_adapter
 from candorlm.tune.sft import chat_loss, load_chats, sft
 from conftest import tune_config
-from helpers import assert_resumed, read_log
+from helpers import assert_resumed, candor, read_log
 
 SMALL = [("sft.batch_size", "4"), ("sft.max_steps", "8"), ("sft.eval_every", "4"), ("sft.eval_examples", "16"),
          ("sft.log_every", "1"), ("sft.warmup_steps", "2"), ("sft.lr", "3e-3")]
@@ -30,11 +27,6 @@ SMALL = [("sft.batch_size", "4"), ("sft.max_steps", "8"), ("sft.eval_every", "4"
 
 def cfg(*extra):
     return tune_config(*SMALL, *extra)
-
-
-def candor(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "candorlm", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def held_out(base, data, n=16):

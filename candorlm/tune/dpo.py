@@ -121,7 +121,7 @@ def dpo(base_dir: str | Path, pairs_path: str | Path, out_dir: str | Path, cfg: 
     run = trainer.set_up(model, dist, base_dir, out_dir, cfg, sec, batches,
                          objective=lambda policy: DPOObjective(policy, sec), resume=resume, quiet=quiet)
     run.say(f"dpo pairs {pairs_path}: {len(train)} for training, {len(held)} held out; "
-            f"skipped: {info['skipped'] or 'none'}; reference log-probabilities precomputed")
+            f"left out: {info['skipped'] or 'none'}; reference log-probabilities precomputed")
 
     def evaluate(run) -> dict:
         if not held:

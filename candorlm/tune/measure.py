@@ -1,7 +1,8 @@
 """What fine-tuning changed, measured on held-out instructions: the mean loss on the
 assistant's tokens, base vs chat, on the same conversations; and the share of held-out
 "Write a Python function ..." prompts whose greedy answer parses (`ast.parse`) and defines a
-function, base vs chat, each given the same rendered prompt. Also the demo's short exchange
+function, base vs chat, each given the same rendered prompt (the mined set asks for
+functions and for methods of a named class: both). Also the demo's short exchange
 with the chat model. It trains nothing and writes nothing.
 
 An answer's code is its first fenced block (```python ... ```, closed or cut off by the token
@@ -19,7 +20,7 @@ from candorlm.tune.chat_data import encode_chats
 from candorlm.tune.mine import SYSTEM_PROMPT
 from candorlm.tune.sft import chat_loss
 
-WRITE_PREFIX = "Write a Python function"
+WRITE = re.compile(r"Write a Python (function|method)\b")  # the mined "write" prompts whose answer is a def
 _FENCE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.S)
 # The demo's two turns: one of each kind the chat model was tuned on, neither from its data.
 DEMO_TURNS = ("Write a Python function named `is_even`. Return True if the integer n is even.",
@@ -42,12 +43,12 @@ def defines_function(text: str) -> bool:
 
 def write_prompts(conversations, limit: int) -> list[list[dict]]:
     """Up to `limit` prompts (the messages before the answer) of the conversations whose user
-    turn asks to write a function, in their order."""
+    turn asks to write a function or method, in their order."""
     out = []
     for c in conversations:
         msgs = c.messages if hasattr(c, "messages") else c
         users = [m for m in msgs if m["role"] == "user"]
-        if users and users[0]["content"].startswith(WRITE_PREFIX) and msgs[-1]["role"] == "assistant":
+        if users and WRITE.match(users[0]["content"]) and msgs[-1]["role"] == "assistant":
             out.append(msgs[:-1])
         if len(out) == limit:
             break

@@ -124,7 +124,7 @@ def sft(base_dir: str | Path, data: str | Path | None, out_dir: str | Path, cfg:
         cfg.train.eval_every = 0
     run = trainer.set_up(model, dist, base_dir, out_dir, cfg, sec, batches, resume=resume, quiet=quiet)
     run.say(f"sft data {data}: {chats.info['train']} conversations for training, {chats.info['held_out']} held out "
-            f"({chats.info['split']}; {len(held)} scored); skipped: {chats.info['skipped'] or 'none'}")
+            f"({chats.info['split']}; {len(held)} scored); left out: {chats.info['skipped'] or 'none'}")
 
     def evaluate(run) -> dict:
         if not held:
