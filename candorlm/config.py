@@ -479,17 +479,19 @@ def describe_shape(m: ModelConfig) -> str:
 # Presets: each is a set of overrides on the defaults above; batch and schedule follow from the
 # compute budget.
 PRESETS: dict[str, dict[str, object]] = {
-    # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval) fits 15 min on 2
-    # cores: the time budget fixes the step count after 6 timed steps (docs/benchmarks.md has
-    # the measured wall time of a fresh clone's `make demo`, set-up included).
+    # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval + mining + SFT +
+    # base-vs-chat measurement) fits 15 min on 2 cores: the time budgets fix the step counts
+    # after 6 timed steps (docs/benchmarks.md has the measured wall time of a fresh clone's
+    # `make demo`, set-up included). Pretraining had 600 s before SFT joined the demo; 480 s
+    # leave room for SFT's 120 s and ~60 s of mining, loading and measuring.
     # torch.compile: 0.44-0.47 s vs 0.60-0.62 s per step after ~30 s of compiling
     # (bench/train_throughput.py), so it pays for itself in under 2 min.
     "cpu-tiny": {
         **shape_for_depth(4), "model.n_kv_heads": 2,
         "model.max_seq_len": 256, "tokenizer.vocab_size": 8192,
         "train.seq_len": 256, "train.batch_size": 32, "train.max_steps": 100000,
-        "train.time_budget_s": 600.0, "train.eval_every": 250, "train.save_every": 500,
-        "train.compile": True,
+        "train.time_budget_s": 480.0, "train.eval_every": 250, "train.save_every": 500,
+        "train.compile": True, "sft.time_budget_s": 120.0,
     },
     "cpu-small": {
         **shape_for_depth(6), "model.n_kv_heads": 2,

@@ -22,6 +22,10 @@ from candorlm.tune.sft import chat_loss
 
 WRITE = re.compile(r"Write a Python (function|method)\b")  # the mined "write" prompts whose answer is a def
 _FENCE = re.compile(r"```[\w+-]*[ \t]*\n(.*?)(?:```|\Z)", re.S)
+# Longest greedy answer scored. A base model never ends an answer (it has not seen <|end|> after
+# a turn) and pays the whole length; chat answers that define a function ran 25-42 tokens on a
+# demo-like model, and those longer than 128 were loops that did not parse (docs/benchmarks.md).
+ANSWER_TOKENS = 128
 # The demo's two turns: one of each kind the chat model was tuned on, neither from its data.
 DEMO_TURNS = ("Write a Python function named `is_even`. Return True if the integer n is even.",
               "What does this code do?\n\n```python\ndef last(items):\n    return items[-1]\n```")
@@ -68,7 +72,7 @@ def greedy_answer(model, messages: list[dict], max_new_tokens: int) -> str:
 
 
 def compare(base_dir: str | Path, chat_dir: str | Path, held_out, prompts: list[list[dict]], batch_size: int = 16,
-            max_new_tokens: int = 192, eval_examples: int = 256) -> dict:
+            max_new_tokens: int = ANSWER_TOKENS, eval_examples: int = 256) -> dict:
     """{"loss": {"base", "chat", "tokens"}, "write_function": {"base", "chat" (shares),
     "prompts", "base_ok", "chat_ok"}, "answers": [{"prompt", "base", "chat"} ...]} for the
     held-out conversations (the first eval_examples that fit the context) and prompts."""
