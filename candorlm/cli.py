@@ -249,16 +249,16 @@ def cmd_run(args) -> None:
     print("-" * 60)
     print(s["completion"]["prompt"] + s["completion"]["text"])
     print("-" * 60)
-    if "sft" in s:
+    if "measured" in s.get("sft", {}):
         _print_sft(s["sft"])
     print(f"artifacts in {s['run_dir']}/: data/ (DATA_CARD.md), tokenizer/, tokens/, base/ (model directory)"
-          + (", instructions/, chat/ (model directory)" if "sft" in s else ""))
+          + (", instructions/, chat/ (model directory)" if "measured" in s.get("sft", {}) else ""))
     for fmt, path in s.get("exports", {}).items():
         print(f"export ({fmt}): {path}")
     print("next:")
     print(f"  candor generate --model {base} \"import os\\n\" --temperature 0.8")
     print(f"  candor eval --model {base} --data {s['run_dir']}/tokens")
-    if "sft" in s:
+    if "measured" in s.get("sft", {}):
         print(f"  candor chat --model {s['sft']['chat_dir']}")
     print(f"  python -c \"import candorlm; print(candorlm.load('{base}').generate('def', max_new_tokens=64))\"")
 

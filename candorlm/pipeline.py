@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from candorlm.config import RunConfig
+from candorlm.errors import CandorError
 from candorlm.fileio import atomic_write_json
 from candorlm.stage import fingerprint as _fp
 from candorlm.stage import is_current, mark_current
@@ -145,7 +146,8 @@ def sft_stage(cfg: RunConfig, root: Path, docs_fp: str, base_fp: str, force: boo
     from pretraining's validation files; its section added to the data card), unless
     sft.data names other data; SFT of root/base into root/chat/; then held-out instruction
     loss and write-a-function answers, base vs chat, and the demo's two turns. Each part is
-    skipped when current. Returns what the summary records."""
+    skipped when current. Returns what the summary records ({"skipped": why} for a corpus
+    without documented Python definitions and no sft.data)."""
     from candorlm.tune import measure
     from candorlm.tune.chat_data import chat_files
     from candorlm.tune.mine import write_instructions
@@ -160,7 +162,14 @@ def sft_stage(cfg: RunConfig, root: Path, docs_fp: str, base_fp: str, force: boo
         mine_fp = _fp(docs_fp, cfg.data.val_fraction, mine.SYSTEM_PROMPT, mine.KINDS, mine.MAX_CHARS)
         if force or not is_current(data, mine_fp, ["train.jsonl", "validation.jsonl", "stats.json"]):
             say(f"[sft] mining the instruction set from the documents -> {data}")
-            write_instructions(root / "data" / "documents", data, tokens_dir=root / "tokens")
+            try:
+                write_instructions(root / "data" / "documents", data, tokens_dir=root / "tokens")
+            except CandorError as e:
+                if not str(e).startswith("no instruction examples"):
+                    raise
+                # a corpus without documented Python: no default chats, and no chat model
+                say(f"[sft] skipped: {e}; --set sft.data=FILE fine-tunes on chats of your own")
+                return {"skipped": str(e)}
             mark_current(data, mine_fp)
         else:
             say(f"[sft] {data} is current; skipped")

@@ -152,3 +152,17 @@ def test_cli_sft_with_lora_and_a_malformed_line(micro_chat_base, micro_instructi
     r = candor("sft", "--model", str(micro_chat_base), "--data", str(data), "--out", str(tmp_path / "p"),
                "--set", "train.lr=1")
     assert r.returncode == 2 and "takes sft settings" in r.stderr
+
+
+def test_run_stage_skips_sft_for_a_corpus_without_python(micro_tokenizer, tmp_path):
+    from candorlm.data.documents import documents_fingerprint
+    from candorlm.data.shards import build_shards
+    from candorlm.pipeline import sft_stage
+
+    docs = tmp_path / "data" / "documents"
+    docs.mkdir(parents=True)
+    (docs / "00000.jsonl").write_text("".join(json.dumps({"id": f"note{i}.txt", "text": "Plain prose, no code. " * 50})
+                                              + "\n" for i in range(4)))
+    build_shards(docs, Tokenizer.load(micro_tokenizer), tmp_path / "tokens", val_fraction=0.25)
+    s = sft_stage(tune_config(), tmp_path, documents_fingerprint(docs), "base-fingerprint", quiet=True)
+    assert "no instruction examples" in s["skipped"] and not (tmp_path / "chat").exists()
