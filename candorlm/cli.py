@@ -229,6 +229,24 @@ def cmd_import(args) -> None:
     print(f"imported {args.src} as a candorlm model directory: {out}")
 
 
+def cmd_quantize(args) -> None:
+    from candorlm.compress.quantize import quantize_model
+
+    out = quantize_model(args.model, args.out, args.method, args.group_size, args.embedding)
+    print(f"quantized {args.model} ({args.method}"
+          + (f", group size {args.group_size or 32}" if args.method == "int4" else "") + f") to {out}")
+
+
+def cmd_prune(args) -> None:
+    from candorlm.compress.prune import format_sparsity, prune_model
+
+    r = prune_model(args.model, args.out, args.method, args.sparsity, args.pattern, args.tokens,
+                    args.calibration_tokens, args.eval_tokens, args.recover_steps, args.recover_lr,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"pruned {args.model} ({args.method}, {r['pattern'] or 'unstructured'}) to {args.out}; sparsity achieved:")
+    print(format_sparsity(r))
+
+
 def cmd_run(args) -> None:
     from candorlm import pipeline
     from candorlm.train.loop import threads_default
@@ -364,6 +382,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src", required=True, help="config.json + safetensors + tokenizer.json")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("quantize", help="a model directory with int8 or int4 weights")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True, help="int8 (per output row) or int4 (per group of inputs)")
+    p.add_argument("--group-size", type=int, default=None, help="int4: 32 (default), 64 or 128 inputs per scale")
+    p.add_argument("--embedding", default="int8", help="the embedding and head: int8 (default) or fp32")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("prune", help="zero a share of the hidden weights (magnitude or Wanda)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True, help="magnitude or wanda")
+    p.add_argument("--sparsity", type=float, default=None, help="share of weights zeroed, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", default=None, help="N:M semi-structured, e.g. 2:4 (keep 2 of every 4 inputs)")
+    p.add_argument("--tokens", default=None,
+                   help="the run's token shards: wanda's calibration (val.bin), recovery (train.bin)")
+    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="the reporting budget whose windows calibration avoids (default: the run's train.eval_tokens)")
+    p.add_argument("--recover-steps", type=int, default=0, help="a fine-tune of this many steps with the mask held")
+    p.add_argument("--recover-lr", type=float, default=None, help="recovery AdamW lr (default 3e-4)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("run", help="every stage, from raw text to a model, into runs/<name>/")
     p.add_argument("--name", default="demo")

@@ -110,6 +110,15 @@ def micro_config(*extra: tuple[str, str]):
     return build_config("cpu-tiny", MICRO + list(extra))
 
 
+def train_micro(tokens: Path, tokenizer: Path, out: Path, steps: int, *extra: tuple[str, str]) -> Path:
+    """A micro model trained `steps` steps without evaluation: the fixtures' learned weights."""
+    from candorlm.train.loop import pretrain
+
+    cfg = micro_config(("train.max_steps", str(steps)), ("train.eval_every", "0"), *extra)
+    pretrain(tokens, tokenizer, out, cfg, quiet=True)
+    return out
+
+
 @pytest.fixture(scope="session")
 def micro_instructions(micro_docs, micro_tokens, tmp_path_factory) -> Path:
     """The instruction set mined from the micro corpus: train.jsonl, validation.jsonl, stats.json."""

@@ -49,3 +49,14 @@ def assert_resumed(out: Path, at: int, end: int) -> None:
     assert saved and saved[-1]["optimizer_norm"] > 0, f"no checkpoint with optimizer states saved at step {at}"
     assert start["optimizer_norm"] == pytest.approx(saved[-1]["optimizer_norm"], rel=1e-6), \
         f"the resumed optimizer states (norm {start['optimizer_norm']}) are not the saved ones ({saved[-1]})"
+
+
+def cli_error(capsys, *argv: str) -> str:
+    """`candor ARGV` refused: exit 2 and exactly one line on stderr, starting "candor: error: "."""
+    from candorlm.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("candor: error: ") and err.count("\n") == 1, err
+    return err

@@ -14,18 +14,14 @@ from candorlm.data.shards import open_split
 from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
 from candorlm.model.io import load_model
 from candorlm.tokenizer import Tokenizer
-from candorlm.train.loop import pretrain
-from conftest import micro_config
+from conftest import train_micro
 
 SEQ_LEN, MAX_TOKENS, BATCH = 64, 1024, 4
 
 
 @pytest.fixture(scope="module")
 def micro_model(micro_tokens, micro_tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bpb") / "m"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "8"), ("train.eval_every", "0")),
-             quiet=True)
-    return out
+    return train_micro(micro_tokens, micro_tokenizer, tmp_path_factory.mktemp("bpb") / "m", 8)
 
 
 @torch.no_grad()

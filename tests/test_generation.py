@@ -4,16 +4,12 @@ import pytest
 import torch
 
 from candorlm.generation import generate_ids, sample_next
-from candorlm.train.loop import pretrain
-from conftest import micro_config
+from conftest import train_micro
 
 
 @pytest.fixture(scope="module")
 def micro_model(micro_tokens, micro_tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen") / "m"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "20"), ("train.eval_every", "0")),
-             quiet=True)
-    return out
+    return train_micro(micro_tokens, micro_tokenizer, tmp_path_factory.mktemp("gen") / "m", 20)
 
 
 def test_greedy_cached_decode_equals_recompute(micro_model):

@@ -97,6 +97,11 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> Transformer:
     wpath = Path(model_dir) / "model.safetensors"
     if not wpath.is_file():
         raise CandorError(f"{model_dir} has no model.safetensors")
+    quantization = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization")
+    if quantization is not None:  # int8/int4 weights: their modules are rebuilt from outside the Transformer
+        from candorlm.model.quantized import load_quantized
+
+        return load_quantized(model_dir, cfg, quantization, device)
     with torch.device("meta"):
         model = Transformer(cfg, device=device)
     model = model.to_empty(device=device)
