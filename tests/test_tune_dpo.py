@@ -16,7 +16,7 @@ from candorlm.tokenizer import Tokenizer
 from candorlm.tune.chat_data import encode_pairs, make_pair_batch, read_preferences, split_holdout
 from candorlm.tune.dpo import DPOObjective, _key, dpo, pair_logprobs
 from conftest import tune_config
-from helpers import candor, read_log
+from helpers import cli_error, read_log
 
 COLOURS = ["red", "green", "blue", "black", "white", "pink", "brown", "grey"]
 
@@ -79,10 +79,9 @@ def test_the_objective_is_the_dpo_formula(micro_chat_base, pairs):
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
 
 
-def test_a_malformed_line_is_one_error_and_nothing_is_written(micro_chat_base, pairs, tmp_path):
+def test_a_malformed_line_is_one_error_and_nothing_is_written(micro_chat_base, pairs, tmp_path, capsys):
     lines = pairs.read_text().splitlines()
     bad = tmp_path / "pairs.jsonl"
     bad.write_text("\n".join(lines[:6] + ['{"prompt": "p", "chosen": "a"}'] + lines[6:]) + "\n")
-    r = candor("dpo", "--model", str(micro_chat_base), "--pairs", str(bad), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert f"{bad}:7:" in r.stderr and "rejected" in r.stderr and not (tmp_path / "o").exists()
+    err = cli_error(capsys, "dpo", "--model", str(micro_chat_base), "--pairs", str(bad), "--out", str(tmp_path / "o"))
+    assert f"{bad}:7:" in err and "rejected" in err and not (tmp_path / "o").exists()

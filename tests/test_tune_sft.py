@@ -19,7 +19,7 @@ from candorlm.tune.chat_data import IGNORE_INDEX
 from candorlm.tune.lora import load_adapter
 from candorlm.tune.sft import chat_loss, load_chats, sft
 from conftest import tune_config
-from helpers import assert_resumed, candor, read_log
+from helpers import assert_resumed, cli_error, read_log
 
 SMALL = [("sft.batch_size", "4"), ("sft.max_steps", "8"), ("sft.eval_every", "4"), ("sft.eval_examples", "16"),
          ("sft.log_every", "1"), ("sft.warmup_steps", "2"), ("sft.lr", "3e-3")]
@@ -133,25 +133,24 @@ def test_a_file_is_split_by_hash_and_too_long_chats_are_counted(micro_chat_base,
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_sft_with_lora_and_a_malformed_line(micro_chat_base, micro_instructions, tmp_path):
+def test_cli_sft_with_lora_and_a_malformed_line(micro_chat_base, micro_instructions, tmp_path, capsys):
+    from candorlm.cli import main
+
     good = (micro_instructions / "train.jsonl").read_text().splitlines()[:40]
     data = tmp_path / "chats.jsonl"
     data.write_text("\n".join(good[:3] + ['{"messages": [{"role": "user", "content": "hi"}'] + good[3:]) + "\n")
-    r = candor("sft", "--model", str(micro_chat_base), "--data", str(data), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
-    assert f"{data}:4: not valid JSON" in r.stderr and not (tmp_path / "o").exists()
+    err = cli_error(capsys, "sft", "--model", str(micro_chat_base), "--data", str(data), "--out", str(tmp_path / "o"))
+    assert f"{data}:4: not valid JSON" in err and not (tmp_path / "o").exists()
     data.write_text("\n".join(good) + "\n")
-    r = candor("sft", "--model", str(micro_chat_base), "--data", str(data), "--out", str(tmp_path / "o"),
-               "--lora-rank", "2", "--lora-targets", "q_proj,v_proj", "--set", "sft.max_steps=2",
-               "--set", "sft.batch_size=4")
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    main(["sft", "--model", str(micro_chat_base), "--data", str(data), "--out", str(tmp_path / "o"), "--lora-rank", "2",
+          "--lora-targets", "q_proj,v_proj", "--set", "sft.max_steps=2", "--set", "sft.batch_size=4"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["step"] == 2 and summary["adapter"] == str(tmp_path / "o" / "adapter")
-    assert json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())["target_modules"] in (
-        ["q_proj", "v_proj"], ["v_proj", "q_proj"])
-    r = candor("sft", "--model", str(micro_chat_base), "--data", str(data), "--out", str(tmp_path / "p"),
-               "--set", "train.lr=1")
-    assert r.returncode == 2 and "takes sft settings" in r.stderr
+    targets = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    assert sorted(targets) == ["q_proj", "v_proj"]
+    err = cli_error(capsys, "sft", "--model", str(micro_chat_base), "--data", str(data), "--out", str(tmp_path / "p"),
+                    "--set", "train.lr=1")
+    assert "takes sft settings" in err and not (tmp_path / "p").exists()
 
 
 def test_run_stage_skips_sft_for_a_corpus_without_python(micro_tokenizer, tmp_path):
