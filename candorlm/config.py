@@ -381,8 +381,8 @@ class SFTConfig(Section):
     # it has alone.
     packing: Literal["grouped", "none"] = "grouped"
     optimizer: Literal["adamw", "muon"] = "adamw"
-    # 150 steps from a cpu-tiny base on the mined set: held-out loss 3.27 at 3e-4, 3.36 at 1e-3,
-    # 3.63 at 3e-3 (docs/benchmarks.md, "SFT in the demo")
+    # 150 steps from a cpu-tiny base on the mined set: held-out loss 3.33 at 1e-4, 3.27 at 3e-4,
+    # 3.36 at 1e-3, 3.63 at 3e-3 (docs/benchmarks.md, "SFT in the demo")
     lr: Annotated[float, ">= 0"] = 3e-4
     matrix_lr: Annotated[float, ">= 0"] = 0.005  # muon only
     weight_decay: Annotated[float, ">= 0"] = 0.0
