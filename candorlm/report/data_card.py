@@ -338,8 +338,10 @@ def instruction_section(stats: dict) -> list[str]:
            f"{_n(stats.get('examples'))} examples, {_n(split.get('train'))} for training and "
            f"{_n(split.get('validation'))} for validation. Split by source file: the validation files are the "
            f"{_n(files.get('pretrain_validation'))} files pretraining held out (data.val_fraction "
-           f"{_n(settings.get('val_fraction'))}), plus a hashed {_n(settings.get('holdout_fraction'))} of the rest, "
-           "so no validation function's code is trained on (a copy of one elsewhere is dropped too).", ""]
+           f"{_n(settings.get('val_fraction'))})"
+           + (f", plus a hashed {_n(settings['holdout_fraction'])} of the rest" if settings.get("holdout_fraction")
+              else "")
+           + ", so no validation function's code is trained on (a copy of one elsewhere is dropped too).", ""]
     rows = [[k, kinds.get("train", {}).get(k), kinds.get("validation", {}).get(k)] for k in kinds.get("train", {})]
     out += [_table(["kind", "train", "validation"], rows), "",
             f"Files: {_n(files.get('train'))} train, {_n(files.get('validation'))} validation, of "
