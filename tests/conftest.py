@@ -150,6 +150,16 @@ def chat_model(micro_tokenizer, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def micro_instructions(micro_docs, micro_tokens, tmp_path_factory) -> Path:
+    """The instruction set mined from the micro corpus: train.jsonl, validation.jsonl, stats.json."""
+    from candorlm.tune.mine import write_instructions
+
+    out = tmp_path_factory.mktemp("instructions") / "instructions"
+    write_instructions(micro_docs, out, tokens_dir=micro_tokens)
+    return out
+
+
+@pytest.fixture(scope="session")
 def server(chat_model, tmp_path_factory):
     """One `candor serve` of chat_model for every test that talks to a server (its start costs
     ~15 s on 2 cores): API key API_KEY, feedback in `server.run_dir`."""
@@ -161,3 +171,26 @@ def server(chat_model, tmp_path_factory):
     s.run_dir, s.name = run_dir, "micro-chat"
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def micro_chat_base(micro_tokenizer, tmp_path_factory) -> Path:
+    """A model directory of the micro model (random weights) with a 256-token context, long
+    enough for most of the mined chats."""
+    import torch
+
+    from candorlm.model.io import write_model_files
+    from candorlm.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(micro_config(("model.vocab_size", "512"), ("model.max_seq_len", "256")).model)
+    out = tmp_path_factory.mktemp("chat_base") / "base"
+    write_model_files(out, model, micro_tokenizer)
+    return out
+
+
+def tune_config(*sets: tuple[str, str]):
+    """A RunConfig with fine-tuning settings (sft.* and dpo.*) small enough for tests."""
+    from candorlm.config import build_config
+
+    return build_config("cpu-tiny", list(sets))
