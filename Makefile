@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.candorlm-installed
+# The web chat's browser tests drive Debian's chromium through Playwright (Playwright's own
+# browser download does not work offline); installed when missing, which needs root and apt.
+CHROMIUM := /usr/bin/chromium
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
@@ -19,9 +22,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-# The web chat's browser tests drive Debian's chromium through Playwright (Playwright's own
-# browser download does not work offline); installed when missing, which needs root and apt.
-CHROMIUM := /usr/bin/chromium
 $(CHROMIUM):
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
