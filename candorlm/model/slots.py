@@ -21,6 +21,8 @@ from candorlm.config import ModelConfig
 from candorlm.model.attention import build_mask, sdpa_attention
 from candorlm.model.positions import apply_rope, rotate_half
 
+PACK_ROWS = 16  # the batch size oneDNN is told to expect when it lays out a packed weight
+
 
 class SlotCache:
     """Keys and values for `slots` sequences of up to `max_len` positions each, per layer:
@@ -67,13 +69,29 @@ def _rows_mask(pos: torch.Tensor, k_len: int, window: int, slopes: torch.Tensor 
     return bias.masked_fill(~allowed[:, None, None, :], float("-inf")).to(dtype)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear without bias; one row goes through torch.mv, which splits the weight's rows over
     the threads: a 1 x 256 by 8192 x 256 product took 0.48 ms that way against 0.75 ms through
-    F.linear's GEMM on 2 Zen4 cores, the weight out of cache (0.88 and 0.97 ms on one thread)."""
+    F.linear's GEMM on 2 Zen4 cores, the weight out of cache (0.88 and 0.97 ms on one thread).
+    Several rows go through oneDNN with `packed` (pack_weight's copy of w) where there is one:
+    float32 F.linear runs MKL's sgemm, whose small-M path on these AMD cores ran 16 x 256 by
+    8192 x 256 at ~25 GFLOP/s (2.7-5.3 ms), the packed oneDNN kernel in 1.4 ms."""
     if x.numel() == x.shape[-1]:
         return torch.mv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     return F.linear(x, w)
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor | None:
+    """w in oneDNN's blocked layout for `linear`, or None where that path does not apply (not a
+    float32 CPU tensor, or a PyTorch without oneDNN)."""
+    if w.dtype != torch.float32 or w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_ROWS)
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def decode_attention(q, k, v, mask):
@@ -119,17 +137,28 @@ class SlotModel:
                 if a.qk_norm and a.rope:  # one weight row per head, queries' then keys'
                     qk_norm = torch.cat([a.q_norm.weight.expand(H, D), a.k_norm.weight.expand(KV, D)]).float()
                 self.fused.append((qkv, gate_up, qk_norm))
+        # oneDNN copies of every matrix a step multiplies, for products of several rows (see linear):
+        # that much memory again for the weights, the price of batched decode not running MKL's sgemm.
+        mats = [w for f in self.fused for w in f[:2] if w is not None]
+        mats += [b.attn.o_proj.weight for b in model.layers] + [model.lm_head.weight]
+        mats += [b.mlp.down_proj.weight for b in model.layers if b.mlp.kind == "swiglu"]
+        self.packed = {id(w): p for w in mats if (p := pack_weight(w)) is not None}
         self.splits = (H * D, KV * D, KV * D)
         # One sequence decoding alone (batch 1) runs a fixed-shape step, attending over the slot's
         # whole cache under a mask, so torch.compile builds it once (gpt-fast's recipe): per-op
         # dispatch is most of a small model's decode step.
         self._one = torch.compile(self._decode_one, fullgraph=True, dynamic=False) if compile else None
 
+    def _lin(self, x, w):
+        if x.numel() == x.shape[-1]:  # one row: torch.mv, also inside the compiled step
+            return linear(x, w)
+        return linear(x, w, self.packed.get(id(w)))
+
     def _qkv(self, block, fused, h, rope):
         a, cfg = block.attn, self.cfg
         qkv_w, _, qk_norm = fused
         T, D = h.shape[1], cfg.head_dim
-        out = linear(h, qkv_w)
+        out = self._lin(h, qkv_w)
         if qk_norm is not None:
             nq, nk, _ = self.splits
             qk = out[..., :nq + nk].view(1, T, -1, D).float()
@@ -150,11 +179,11 @@ class SlotModel:
         gate_up_w = fused[1]
         if gate_up_w is None:
             return mlp(h)
-        g, u = linear(h, gate_up_w).chunk(2, dim=-1)
-        return linear(F.silu(g) * u, mlp.down_proj.weight)
+        g, u = self._lin(h, gate_up_w).chunk(2, dim=-1)
+        return self._lin(F.silu(g) * u, mlp.down_proj.weight)
 
     def _logits(self, h):
-        logits = linear(h, self.m.lm_head.weight)
+        logits = self._lin(h, self.m.lm_head.weight)
         if self.cfg.logit_softcap:
             c = self.cfg.logit_softcap
             logits = c * torch.tanh(logits / c)  # as Transformer._logits
@@ -183,7 +212,7 @@ class SlotModel:
             ks[layer][slot, :, pos] = k[0].transpose(0, 1)
             vs[layer][slot, :, pos] = v[0].transpose(0, 1)
             y = decode_attention(q, ks[layer][slot], vs[layer][slot], masks[window])
-            x = x + linear(y.transpose(1, 2).reshape(1, 1, -1), block.attn.o_proj.weight)
+            x = x + self._lin(y.transpose(1, 2).reshape(1, 1, -1), block.attn.o_proj.weight)
             x = x + self._mlp(block.mlp, fused, block.mlp_norm(x))
         return self._logits(model.norm(x[0]))
 
@@ -216,6 +245,8 @@ class SlotModel:
         single_len = max((s.start + 1 for s in singles), default=0)
         single_slots = slot_idx[:n_single]
         one = singles[0] if n_single == 1 else None
+        run = singles[0].slot if n_single > 1 and all(
+            b.slot == a.slot + 1 for a, b in zip(singles, singles[1:], strict=False)) else None
         # One mask per window size for the batch of single tokens; a lone decode needs none (it
         # sees every cached position of its own slot).
         masks = {}
@@ -237,7 +268,11 @@ class SlotModel:
                 kk, vv = ck[one.slot:one.slot + 1, :, :one.start + 1], cv[one.slot:one.slot + 1, :, :one.start + 1]
                 ys.append(decode_attention(q[:, :, :1], kk.to(q.dtype), vv.to(q.dtype), masks[window]))
             elif n_single:
-                kk, vv = ck[single_slots, :, :single_len], cv[single_slots, :, :single_len]
+                if run is not None:  # consecutive slots: a view, no copy
+                    kk, vv = ck[run:run + n_single, :, :single_len], cv[run:run + n_single, :, :single_len]
+                else:  # index_select: 80 us where ck[slots, :, :L] took 500 (16 slots, 150 positions)
+                    kk = ck[:, :, :single_len].index_select(0, single_slots)
+                    vv = cv[:, :, :single_len].index_select(0, single_slots)
                 qs = q[0, :, :n_single].transpose(0, 1)[:, :, None]  # (B, heads, 1, D)
                 y = decode_attention(qs, kk.to(q.dtype), vv.to(q.dtype), masks[window])
                 ys.append(y[:, :, 0].transpose(0, 1)[None])
@@ -249,7 +284,7 @@ class SlotModel:
                 ys.append(sdpa_attention(q[:, :, at:at + s.length], kk.to(q.dtype), vv.to(q.dtype), mask))
                 at += s.length
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=2)
-            x = x + linear(y.transpose(1, 2).reshape(1, len(tokens), -1), block.attn.o_proj.weight)
+            x = x + self._lin(y.transpose(1, 2).reshape(1, len(tokens), -1), block.attn.o_proj.weight)
             x = x + self._mlp(block.mlp, fused, block.mlp_norm(x))
         rows, at = [], 0
         for s in segments:

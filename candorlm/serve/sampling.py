@@ -162,6 +162,11 @@ class SequenceSampler:
     def needs_processing(self) -> bool:
         return self.seen is not None or self.counts is not None or self.bias is not None or self.matcher is not None
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy on the raw logits: the token is the row's argmax."""
+        return self.p.greedy and not self.needs_processing
+
     def process(self, logits: torch.Tensor) -> torch.Tensor:
         """logits: (1, V) raw; returns the row the draw is made from (before temperature)."""
         if self.bias is not None:
