@@ -115,7 +115,8 @@ class SlotModel:
     three or two; the fused copies cost that much memory again for those weights), and QK-norm
     and RoPE applied to queries and keys together. dtype: the weights' type for serving (default:
     the model's); another type runs a converted copy (bfloat16 halves the bytes read per token,
-    which is what batch-1 decode waits on), with position tables kept in float32. compile: run
+    which is what batch-1 decode waits on), with position tables kept in float32. Products of
+    several rows run on oneDNN-packed copies of the float32 matrices (see linear). compile: run
     a lone decode (one sequence, one token) as one compiled graph."""
 
     def __init__(self, model, dtype: torch.dtype | None = None, compile: bool = False):
