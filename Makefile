@@ -25,6 +25,7 @@ demo: $(STAMP)
 # PASSIVE: idle OpenMP threads sleep instead of spinning, so the tests' concurrent
 # processes (torchrun ranks, curation workers) do not starve each other on 2 cores.
 test: $(STAMP)
+	$(BIN)/ruff check candorlm tests bench
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider
 
 # Every benchmark once; the speedrun in its quick form (the full one takes ~26 min:

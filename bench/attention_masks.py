@@ -18,10 +18,9 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
-import candorlm.model.attention as A  # noqa: E402
 from candorlm.config import build_config  # noqa: E402
+from candorlm.device import autocast_dtype, configure_cpu_allocator  # noqa: E402
 from candorlm.model.transformer import Transformer  # noqa: E402
-from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from train_throughput import measure  # noqa: E402
@@ -47,14 +46,14 @@ def main() -> None:
         cfg = build_config(args.preset, overrides)
         x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.train.seq_len + 1))
         for mode in modes:
-            for path in ("kernel", "sdpa"):
+            for path, backend in (("kernel", "cpu"), ("sdpa", "sdpa")):
+                cfg = build_config(args.preset, overrides + [("model.attention_backend", backend)])
                 torch.manual_seed(0)
                 model = Transformer(cfg.model)
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
                 run = torch.compile(model) if mode == "compiled" else model
 
-                def step(run=run, opt=opt, x=x, path=path):
-                    A.CPU_ATTENTION = "auto" if path == "kernel" else "never"
+                def step(run=run, opt=opt, x=x):
                     with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
                         loss = run(x[:, :-1], x[:, 1:])
                     loss.backward()
@@ -67,7 +66,6 @@ def main() -> None:
     for _ in range(2):  # interleaved rounds: every variant sees the same machine conditions
         for key, fn in steps.items():
             times.setdefault(key, []).append(measure(fn, max(1, args.steps // 2)))
-    A.CPU_ATTENTION = "auto"
     best = {k: min(v) for k, v in times.items()}
     out = {"preset": args.preset, "dtype": "bf16" if amp else "fp32"}
     print(f"{'variant':<8}{'mode':<10}{'kernel s':>10}{'sdpa s':>10}{'speed-up':>10}{'vs causal':>11}")

@@ -74,7 +74,7 @@ def found(pairs, bands: int, rows: int, seed: int = 1) -> np.ndarray:
     hit = np.zeros(len(pairs), dtype=bool)
     for i, (a, b, _) in enumerate(pairs):
         sa, sb = sig.get_signature(sig.get_shingles(a)), sig.get_signature(sig.get_shingles(b))
-        hit[i] = any(x == y for x, y in zip(sa, sb))
+        hit[i] = any(x == y for x, y in zip(sa, sb, strict=False))
     return hit
 
 

@@ -33,8 +33,8 @@ import torch
 
 from candorlm import sizing
 from candorlm.config import build_config, shape_for_depth
+from candorlm.device import configure_cpu_allocator
 from candorlm.errors import CandorError
-from candorlm.train.hardware import configure_cpu_allocator
 from candorlm.train.loop import pretrain, threads_default
 
 ROOT = Path("runs/sizing")
@@ -99,8 +99,8 @@ def step_times(pairs: list, rounds: int, steps: int) -> dict:
     """{precision: {shape name: {s, flops_per_step}}} for each (precision, shape) pair: the compiled
     training step (autocast forward/backward, clip, Muon + AdamW), min over interleaved rounds of
     the median of `steps` steps."""
+    from candorlm.device import autocast_dtype
     from candorlm.model.transformer import Transformer
-    from candorlm.train.hardware import autocast_dtype
     from candorlm.train.optim import build_optimizers
 
     steppers = {}
@@ -160,7 +160,7 @@ def step_times(pairs: list, rounds: int, steps: int) -> dict:
 def cmd_time(args) -> None:
     configure_cpu_allocator()
     threads_default()
-    from candorlm.train.hardware import matmul_flops
+    from candorlm.device import matmul_flops
 
     pairs = {(p, REF) for p in ("bf16", "fp32")} | {(p, parse_shape(s)) for p, s in
                                                      (x.split(":") for x in args.shapes.split())}

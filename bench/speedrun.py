@@ -45,9 +45,9 @@ import torch
 from candorlm.config import build_config
 from candorlm.data.loader import TrainBatches
 from candorlm.data.shards import open_split
+from candorlm.device import autocast_dtype
 from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
-from candorlm.train.hardware import autocast_dtype
 from candorlm.train.loop import pretrain, threads_default
 from candorlm.train.optim import build_optimizers
 
@@ -104,7 +104,8 @@ def ensure_data(root: Path) -> tuple[Path, Path]:
     say(f"building the {cfg.data.source} corpus, tokenizer and shards in {root} (once; a few minutes)")
     curate(cfg.data.source, str(root / "data"), quiet=True)
     docs = root / "data" / "documents"
-    tok = train_tokenizer((d["text"] for d in iter_documents(docs)), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    tok = train_tokenizer((d["text"] for d in iter_documents(docs)), cfg.tokenizer.vocab_size,
+                          cfg.tokenizer.min_frequency)
     tok.save(tok_dir)
     build_shards(docs, Tokenizer.load(tok_dir), tokens, val_fraction=cfg.data.val_fraction)
     return tokens, tok_dir
@@ -123,7 +124,7 @@ def step_times(names: list[str], args, tokens_dir: Path) -> dict[str, float]:
         opts = build_optimizers(model, cfg.train)
         batches = batches or TrainBatches(open_split(tokens_dir, "train"), cfg.train.seq_len, cfg.train.batch_size, 0)
 
-        def step(i, model=model, opts=opts, clip=cfg.train.grad_clip):
+        def step(i, model=model, opts=opts, clip=cfg.train.grad_clip, batches=batches):
             x, y = batches.get(i)
             with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
                 loss = model(x, y)
@@ -201,10 +202,12 @@ def fmt_lr(run: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: batch 4, 1 thread, 6 s budgets, 2-point grids (<= 3 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: batch 4, 1 thread, 6 s budgets, 2-point grids (<= 3 min)")
     ap.add_argument("--budget", type=float, default=120.0, help="training seconds per variant (step-time clock)")
     ap.add_argument("--tune-budget", type=float, default=40.0, help="training seconds per lr-grid point")
-    ap.add_argument("--adamw-lrs", default="1e-3,3e-3,1e-2", help="AdamW lr grid (train.lr)")
+    # From 3e-4: with 1e-3 the lowest point, AdamW's best lr sat at the grid's edge (docs/benchmarks.md)
+    ap.add_argument("--adamw-lrs", default="3e-4,1e-3,3e-3,1e-2", help="AdamW lr grid (train.lr)")
     ap.add_argument("--muon-lrs", default="0.01,0.02,0.04", help="Muon lr grid (train.matrix_lr)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     ap.add_argument("--tune-all", action="store_true", help="tune every variant's lr, not only the three headline ones")
@@ -219,7 +222,8 @@ def main() -> None:
     ap.add_argument("--data", default="runs/speedrun", help="where the default corpus is built once and reused")
     ap.add_argument("--tokens", help="existing token directory (with --tokenizer) instead of --data")
     ap.add_argument("--tokenizer")
-    ap.add_argument("--out", default="", help="directory for results.json and every run's log.jsonl (default: <data>/bench)")
+    ap.add_argument("--out", default="",
+                    help="directory for results.json and every run's log.jsonl (default: <data>/bench)")
     args = ap.parse_args()
     if args.quick:
         args.budget, args.tune_budget, args.batch_size = 6.0, 3.0, args.batch_size or 4
@@ -295,7 +299,8 @@ def main() -> None:
 
     cfg = config_for("default", args)
     print(f"speedrun: {PRESET} (d_model {cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.model.n_heads} heads, "
-          f"batch {args.batch_size}x{cfg.train.seq_len}), {args.budget:g} s per variant, lr tuned on {args.tune_budget:g} s; "
+          f"batch {args.batch_size}x{cfg.train.seq_len}), {args.budget:g} s per variant, "
+          f"lr tuned on {args.tune_budget:g} s; "
           f"eval {args.eval_tokens} tokens; data {tokens}")
     print(f"target: baseline's final val bpb {target:.4f} after {base_time:.1f} s")
     print(f"{'variant':<15}{'lr':<18}{'steps':>6}{'tok/s':>9}{'val bpb':>9}{'t->target':>11}{'ratio':>7}")

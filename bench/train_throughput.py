@@ -27,8 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from candorlm.config import build_config, parse_set_args  # noqa: E402
+from candorlm.device import autocast_dtype, configure_cpu_allocator, matmul_flops  # noqa: E402
 from candorlm.model.transformer import Transformer  # noqa: E402
-from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator, matmul_flops  # noqa: E402
 
 
 def hf_qwen3(mc):
@@ -121,7 +121,8 @@ def main() -> None:
         out[f"{name}_mfu"] = round(mfu, 4)
         print(f"{name:<22}{dt:>10.3f}{tok_s:>12,.0f}{100 * mfu:>7.1f}%")
     out["ratio"] = round(out["candorlm_tok_s"] / out["transformers_tok_s"], 3)
-    print(f"candorlm / transformers, eager: {out['ratio']:.2f}x (target >= 1.5x); candorlm MFU {100 * out['candorlm_mfu']:.0f}%")
+    print(f"candorlm / transformers, eager: {out['ratio']:.2f}x (target >= 1.5x); "
+          f"candorlm MFU {100 * out['candorlm_mfu']:.0f}%")
     if not args.no_compile:
         out["ratio_compiled"] = round(out["candorlm_compiled_tok_s"] / out["transformers_compiled_tok_s"], 3)
         out["ratio_defaults"] = round(out["candorlm_compiled_tok_s"] / out["transformers_tok_s"], 3)

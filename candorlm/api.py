@@ -99,7 +99,7 @@ class LoadedModel:
 
 def load(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
     if resolve_device(device).type == "cpu":
-        from candorlm.train.hardware import configure_cpu_allocator
+        from candorlm.device import configure_cpu_allocator
 
         configure_cpu_allocator()
     return LoadedModel(model_dir, device=device)

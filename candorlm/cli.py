@@ -76,7 +76,8 @@ def cmd_data(args) -> None:
         print(f"submitted to {cfg.executor}; when the jobs finish, rerun the same command to collect the outputs")
         return
     print(json.dumps({k: stats.get(k) for k in ("read", "kept", "removed", "failed")}))
-    print(f"curated documents in {os.path.join(args.out, 'documents')}; data card: {os.path.join(args.out, 'DATA_CARD.md')}")
+    print(f"curated documents in {os.path.join(args.out, 'documents')}; "
+          f"data card: {os.path.join(args.out, 'DATA_CARD.md')}")
 
 
 def cmd_tokenizer(args) -> None:
@@ -97,9 +98,8 @@ def cmd_tokenize(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from candorlm.train.loop import pretrain, threads_default
-
     from candorlm import sizing
+    from candorlm.train.loop import pretrain, threads_default
 
     threads_default()
     # preset auto: the vocabulary is the tokenizer's; a resumed run derives its shape from the
@@ -159,17 +159,18 @@ def cmd_chat(args) -> None:
 
 def cmd_eval(args) -> None:
     from candorlm.data.shards import open_split
+    from candorlm.device import autocast_dtype, configure_cpu_allocator
+    from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
     from candorlm.model.io import load_model
-    from candorlm.train.hardware import autocast_dtype, configure_cpu_allocator
-    from candorlm.train.loop import evaluate_bpb, token_bytes_for
 
     if args.seq_len < 0 or args.tokens < 1:
-        raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) and --tokens {args.tokens} >= 1")
+        raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) "
+                          f"and --tokens {args.tokens} >= 1")
     configure_cpu_allocator()
     model = load_model(args.model)
     seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens, 8,
-                     autocast_dtype("cpu", "auto"))
+    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens,
+                     8, autocast_dtype("cpu", "auto"))
     print(json.dumps(r))
 
 
@@ -190,6 +191,24 @@ def cmd_import(args) -> None:
 
     out = import_hf(args.src, args.out)
     print(f"imported {args.src} as a candorlm model directory: {out}")
+
+
+def cmd_quantize(args) -> None:
+    from candorlm.compress.quantize import quantize_model
+
+    out = quantize_model(args.model, args.out, args.method, args.group_size, args.embedding)
+    print(f"quantized {args.model} ({args.method}"
+          + (f", group size {args.group_size or 32}" if args.method == "int4" else "") + f") to {out}")
+
+
+def cmd_prune(args) -> None:
+    from candorlm.compress.prune import format_sparsity, prune_model
+
+    r = prune_model(args.model, args.out, args.method, args.sparsity, args.pattern, args.tokens,
+                    args.calibration_tokens, args.eval_tokens, args.recover_steps, args.recover_lr,
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"pruned {args.model} ({args.method}, {r['pattern'] or 'unstructured'}) to {args.out}; sparsity achieved:")
+    print(format_sparsity(r))
 
 
 def cmd_run(args) -> None:
@@ -230,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("data", help="curate raw text into a clean, deduplicated, documented corpus")
-    p.add_argument("--source", default="stdlib", help="stdlib, a directory, .txt, .jsonl(.gz), .parquet, or a saved dataset")
+    p.add_argument("--source", default="stdlib",
+                   help="stdlib, a directory, .txt, .jsonl(.gz), .parquet, or a saved dataset")
     p.add_argument("--out", required=True)
     p.add_argument("--verbose", action="store_true", help="show the executor's logs (always in OUT/work/logs)")
     p.add_argument("--set", action="append", metavar="curate.FIELD=VALUE", default=[],
@@ -298,6 +318,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="src", required=True, help="config.json + safetensors + tokenizer.json")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("quantize", help="a model directory with int8 or int4 weights")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True, help="int8 (per output row) or int4 (per group of inputs)")
+    p.add_argument("--group-size", type=int, default=None, help="int4: 32 (default), 64 or 128 inputs per scale")
+    p.add_argument("--embedding", default="int8", help="the embedding and head: int8 (default) or fp32")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("prune", help="zero a share of the hidden weights (magnitude or Wanda)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--method", required=True, help="magnitude or wanda")
+    p.add_argument("--sparsity", type=float, default=None, help="share of weights zeroed, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", default=None, help="N:M semi-structured, e.g. 2:4 (keep 2 of every 4 inputs)")
+    p.add_argument("--tokens", default=None,
+                   help="the run's token shards: wanda's calibration (val.bin), recovery (train.bin)")
+    p.add_argument("--calibration-tokens", type=int, default=16384)
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="the reporting budget whose windows calibration avoids (default: the run's train.eval_tokens)")
+    p.add_argument("--recover-steps", type=int, default=0, help="a fine-tune of this many steps with the mask held")
+    p.add_argument("--recover-lr", type=float, default=None, help="recovery AdamW lr (default 3e-4)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("run", help="every stage, from raw text to a model, into runs/<name>/")
     p.add_argument("--name", default="demo")

@@ -42,6 +42,9 @@ class ModelConfig(Section):
     window_size: Annotated[int, ">= 1"] = 128
     logit_softcap: Annotated[float, ">= 0 (0: off)"] = 0.0  # else logits = c * tanh(logits / c)
     init_std: Annotated[float, "> 0"] = 0.02
+    # How attention is computed (not what), resolved for the device the model is built for
+    # (model/attention.py). Weights do not depend on it.
+    attention_backend: Literal["auto", "sdpa", "cpu", "flex"] = "auto"
 
     def rules(self):
         yield (self.n_heads % self.n_kv_heads == 0,
@@ -102,7 +105,7 @@ class TrainConfig(Section):
     seed: int = 1337
     # else stop (with a final eval and save) after this long
     time_budget_s: Annotated[float, ">= 0 (0: off)"] = 0.0
-    parallel: Literal["none", "ddp", "fsdp", "tp", "fsdp+tp"] = "none"  # see model/parallel.py
+    parallel: Literal["none", "ddp", "fsdp", "tp", "fsdp+tp"] = "none"  # see distributed/parallelize.py
     tp_size: Annotated[int, ">= 1"] = 1
     activation_checkpointing: bool = False
 
@@ -350,7 +353,8 @@ class ExportConfig(Section):
 
     def rules(self):
         for f in self.format_list():
-            yield f in EXPORT_FORMATS, f"export.formats={self.formats!r}: {f!r} is not one of {', '.join(EXPORT_FORMATS)}"
+            yield f in EXPORT_FORMATS, (f"export.formats={self.formats!r}: {f!r} is not one of "
+                                        f"{', '.join(EXPORT_FORMATS)}")
 
 
 @dataclass

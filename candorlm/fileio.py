@@ -1,4 +1,13 @@
-"""Atomic writes: a file or directory appears whole under its final name, or not at all."""
+"""Atomic writes: a file or directory appears whole under its final name, or not at all.
+
+Files: written to a temporary sibling, flushed, renamed over the name (`atomic_write_*`).
+Directories, two needs and two mechanisms:
+- a whole directory replaced by a new version (token shards): `atomic_dir`, one rename;
+- several files inside a directory that must change together (a checkpoint: weights,
+  optimizer, step) and survive a crash half-way: a two-phase commit, `staging_dir`,
+  `commit_staged` and `recover`.
+It does not decide what goes into a directory; model/io.py and train/checkpoint.py do.
+"""
 
 from __future__ import annotations
 
@@ -62,3 +71,44 @@ def atomic_dir(path: str | os.PathLike):
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --- two-phase commit of a set of entries into a directory ------------------------------------
+# Each entry is first written into D/.staging, which one rename turns into D/.commit: from then
+# on the new version is decided, and moving its entries into place is redone by `recover` if
+# the process dies half-way. A process killed before that rename leaves D as it was.
+
+def staging_dir(d: str | os.PathLike) -> Path:
+    """A fresh, empty D/.staging (one left by a killed writer is dropped) to write entries into."""
+    d = Path(d)
+    st = d / ".staging"
+    if st.exists():
+        shutil.rmtree(st)
+    st.mkdir(parents=True)
+    return st
+
+
+def commit_staged(d: str | os.PathLike) -> None:
+    """Decide D/.staging (one rename), then move each of its entries into D over the old one."""
+    d = Path(d)
+    os.replace(d / ".staging", d / ".commit")
+    _apply_commit(d)
+
+
+def _apply_commit(d: Path) -> None:
+    c = d / ".commit"
+    for entry in sorted(c.iterdir()):
+        target = d / entry.name
+        if entry.is_dir() and target.exists():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    c.rmdir()
+
+
+def recover(d: str | os.PathLike) -> None:
+    """Finish a commit that a killed process left decided, or drop one left undecided."""
+    d = Path(d)
+    if (d / ".commit").is_dir():
+        _apply_commit(d)
+    if (d / ".staging").exists():
+        shutil.rmtree(d / ".staging", ignore_errors=True)

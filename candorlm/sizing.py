@@ -11,7 +11,7 @@ rest derived around it; `--preset cpu-tiny` and the others are fixed shapes.
 The decision is a record (`sizing.json` in the run, and in the run config stored with every
 checkpoint): the measurement, the inputs, the chosen values and why. A rerun or `--resume` reads
 the recorded measurement instead of measuring again, so it derives the same shape. This module
-does not train, tokenize or read data; it measures once (train/hardware.py) and decides.
+does not train, tokenize or read data; it measures once (candorlm/device.py) and decides.
 """
 
 from __future__ import annotations
@@ -150,10 +150,10 @@ def training_device() -> str:
 
 
 def _device_facts():
-    """(autocast_dtype, matmul_flops, cpu_has_bf16): imported here alone, when first needed (torch)."""
-    from candorlm.train.hardware import autocast_dtype, cpu_has_bf16, matmul_flops
+    """(autocast_dtype, matmul_flops, native_bf16): imported here alone, when first needed (torch)."""
+    from candorlm.device import autocast_dtype, matmul_flops, native_bf16
 
-    return autocast_dtype, matmul_flops, cpu_has_bf16
+    return autocast_dtype, matmul_flops, native_bf16
 
 
 def precision(device: str, dtype_choice: str) -> str:
@@ -163,16 +163,16 @@ def precision(device: str, dtype_choice: str) -> str:
 
 
 def measure(device: str, dtype_choice: str) -> dict:
-    """The machine's matmul rate in the precision the run will train in (train/hardware.py), one
+    """The machine's matmul rate in the precision the run will train in (candorlm/device.py), one
     device's: under torchrun every rank trains the same shape, sized for one device's budget."""
     import torch
 
-    autocast_dtype, matmul_flops, cpu_has_bf16 = _device_facts()
+    autocast_dtype, matmul_flops, native_bf16 = _device_facts()
     amp = autocast_dtype(device, dtype_choice)
     t0 = time.perf_counter()
     rate = matmul_flops(device, amp)
     return {"device": device, "precision": "bf16" if amp is not None else "fp32", "matmul_flops": rate,
-            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "native_bf16": cpu_has_bf16(),
+            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "native_bf16": native_bf16(device.split(":")[0]),
             "measured_s": round(time.perf_counter() - t0, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 

@@ -119,7 +119,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     `min_frequency` times). Word counting runs on all cores (Rust threads); merges are serial."""
     floor = len(SPECIAL_TOKENS) + 256
     if vocab_size < floor:
-        raise CandorError(f"tokenizer.vocab_size={vocab_size} is too small: it must be at least {floor} (6 special tokens + 256 bytes)")
+        raise CandorError(f"tokenizer.vocab_size={vocab_size} is too small: it must be at least {floor} "
+                          "(6 special tokens + 256 bytes)")
     tok = _new_backend()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -151,7 +152,8 @@ class Tokenizer:
         self._json = json_text if json_text is not None else backend.to_str(pretty=True)
         for i, t in enumerate(SPECIAL_TOKENS):
             if backend.token_to_id(t) != i:
-                raise CandorError(f"not a candorlm tokenizer: special token {t} should have id {i}, has {backend.token_to_id(t)}")
+                raise CandorError(f"not a candorlm tokenizer: special token {t} should have id {i}, "
+                                  f"has {backend.token_to_id(t)}")
         backend.encode_special_tokens = True  # see the module docstring; not serialized
         self._tok = backend
         self._bytes: list[bytes] | None = None
@@ -163,7 +165,8 @@ class Tokenizer:
         p = Path(path)
         f = p / "tokenizer.json" if p.is_dir() else p
         if not f.is_file():
-            raise CandorError(f"no tokenizer at {path}: expected a directory containing tokenizer.json, or the file itself")
+            raise CandorError(f"no tokenizer at {path}: "
+                              "expected a directory containing tokenizer.json, or the file itself")
         try:
             text = f.read_text(encoding="utf-8")
             backend = tokenizers.Tokenizer.from_str(text)
@@ -252,7 +255,8 @@ class Tokenizer:
                 try:
                     table[i] = bytes(_CHAR_TO_BYTE[c] for c in token)
                 except KeyError:
-                    raise CandorError(f"not a byte-level tokenizer: token {i} {token!r} has a character outside the byte alphabet") from None
+                    raise CandorError(f"not a byte-level tokenizer: token {i} {token!r} "
+                                      "has a character outside the byte alphabet") from None
             self._bytes = table
         return self._bytes
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a micro corpus made from a few standard-library modules, its tokenizer
-and token shards, built once per session. Also: no test may reach a model hub."""
+and token shards, built once per session. Also: no test may reach a model hub, and with
+CI=true no test may skip (any skip fails the run)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,40 @@ def missing(what: str) -> str:
     return ""
 
 
+# In CI nothing may skip, however the skip was asked for (`missing()`, pytest.skip, skipif,
+# importorskip, a skipped module): each skip is collected here and fails the run at the end.
+# An expected failure (xfail) is not a skip.
+_CI_SKIPS: list[tuple[str, str]] = []
+
+
+def _skip_reason(report) -> str:
+    r = report.longrepr
+    reason = r[2] if isinstance(r, tuple) and len(r) == 3 else str(r)
+    return reason.removeprefix("Skipped: ")
+
+
+def pytest_runtest_logreport(report):
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        _CI_SKIPS.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_collectreport(report):
+    if os.environ.get("CI") == "true" and report.skipped:
+        _CI_SKIPS.append((report.nodeid, _skip_reason(report)))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CI_SKIPS and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _CI_SKIPS:
+        terminalreporter.section(f"CI=true: {len(_CI_SKIPS)} skipped, and nothing may skip in CI", red=True)
+        for nodeid, reason in _CI_SKIPS:
+            terminalreporter.write_line(f"SKIPPED IN CI {nodeid}: {reason}")
+
+
 @pytest.fixture(scope="session")
 def micro_docs(tmp_path_factory) -> Path:
     """documents/ in the curated format: one JSONL line per stdlib module."""
@@ -38,7 +73,8 @@ def micro_docs(tmp_path_factory) -> Path:
         for m in MODULES:
             p = stdlib / m
             if p.is_file():
-                f.write(json.dumps({"id": m, "text": p.read_text(encoding="utf-8"), "metadata": {"source": str(p)}}) + "\n")
+                f.write(json.dumps({"id": m, "text": p.read_text(encoding="utf-8"),
+                                    "metadata": {"source": str(p)}}) + "\n")
     return d
 
 
@@ -72,3 +108,12 @@ def micro_config(*extra: tuple[str, str]):
     from candorlm.config import build_config
 
     return build_config("cpu-tiny", MICRO + list(extra))
+
+
+def train_micro(tokens: Path, tokenizer: Path, out: Path, steps: int, *extra: tuple[str, str]) -> Path:
+    """A micro model trained `steps` steps without evaluation: the fixtures' learned weights."""
+    from candorlm.train.loop import pretrain
+
+    cfg = micro_config(("train.max_steps", str(steps)), ("train.eval_every", "0"), *extra)
+    pretrain(tokens, tokenizer, out, cfg, quiet=True)
+    return out

@@ -4,7 +4,8 @@ removal-by-axis table."""
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from candorlm.data import bias
 from candorlm.data.cda import swap_gender
@@ -86,7 +87,8 @@ _counts = st.recursive(
     lambda inner: st.dictionaries(st.sampled_from("abcd"), inner, max_size=3),
     max_leaves=12,
 )
-_texts = st.lists(st.sampled_from("he she they doctor nurse muslim man page woman old people the".split()), max_size=30).map(" ".join)
+_texts = st.lists(st.sampled_from("he she they doctor nurse muslim man page woman old people the".split()),
+                  max_size=30).map(" ".join)
 
 
 @settings(max_examples=200, deadline=None)
@@ -101,7 +103,8 @@ def test_merge_counts_is_associative_and_commutative_on_doc_counts(x, y, z):
 @given(_counts, _counts, _counts)
 def test_merge_counts_is_associative_on_nested_dicts(a, b, c):
     def same_shape(x, y):  # merge is defined on dicts whose shared keys agree on nesting
-        return all(isinstance(x[k], dict) == isinstance(y[k], dict) and (not isinstance(x[k], dict) or same_shape(x[k], y[k]))
+        return all(isinstance(x[k], dict) == isinstance(y[k], dict)
+                   and (not isinstance(x[k], dict) or same_shape(x[k], y[k]))
                    for k in x.keys() & y.keys())
 
     if not (same_shape(a, b) and same_shape(b, c) and same_shape(a, c)):
@@ -129,7 +132,8 @@ def test_filter_removal_by_axis():
 def test_lexicon_is_documented_and_clean():
     lex = json.loads(bias.LEXICON_PATH.read_text())
     assert len(lex["_sources"]) >= 3 and lex["_excluded"]
-    assert set(lex["axes"]) == {"gender", "ethnicity", "religion", "age", "nationality", "disability", "sexual_orientation"}
+    assert set(lex["axes"]) == {"gender", "ethnicity", "religion", "age", "nationality", "disability",
+                                "sexual_orientation"}
     for terms in [*lex["axes"].values(), *lex["gendered_words"].values()]:
         assert len(terms) == len(set(terms))
         assert all(t == t.lower().strip() and "  " not in t for t in terms)

@@ -2,7 +2,8 @@
 and the augmentation helper."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from candorlm.data import bias, cda
 from candorlm.data.cda import augment, mentions_gender, swap_gender
@@ -49,7 +50,8 @@ def test_every_audited_gendered_word_swaps_to_the_other_side():
                 assert swapped in bias.GENDERED[other], (w, swapped)
 
 
-_UNAMBIGUOUS = sorted(w for w in cda.SWAP if w not in {"her", "his", "him", "hers", "mum", "mums", "lady", "ladies", "madam"})
+_UNAMBIGUOUS = sorted(w for w in cda.SWAP
+                      if w not in {"her", "his", "him", "hers", "mum", "mums", "lady", "ladies", "madam"})
 
 
 @settings(max_examples=200, deadline=None)

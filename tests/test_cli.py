@@ -85,10 +85,12 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     assert hf.encode("def f(x):\n    return x") == m.tokenizer.encode("def f(x):\n    return x")
 
     # a prompt's \n typed in a shell is a newline; unset sampling flags take generation_config.json's
-    gen = candor("generate", "--model", str(run / "base"), "def f(x):\\n    return", "--seed", "0", "--max-new-tokens", "12")
+    gen = candor("generate", "--model", str(run / "base"), "def f(x):\\n    return", "--seed", "0",
+                 "--max-new-tokens", "12")
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout == m.generate("def f(x):\n    return", max_new_tokens=12, seed=0) + "\n"
-    raw = candor("generate", "--model", str(run / "base"), "--no-escape", "a\\n", "--temperature", "0", "--max-new-tokens", "4")
+    raw = candor("generate", "--model", str(run / "base"), "--no-escape", "a\\n", "--temperature", "0",
+                 "--max-new-tokens", "4")
     assert raw.stdout == m.generate("a\\n", max_new_tokens=4, temperature=0) + "\n"
 
     bad = candor("generate", "--model", str(run / "base"), "hi", "--temperature", "-1")

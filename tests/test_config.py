@@ -107,9 +107,9 @@ def test_presets_follow_the_depth_rule_except_1b():
 
 
 def test_train_parallel_choices_are_the_strategies_parallel_applies():
-    from candorlm.model import parallel
+    from candorlm.distributed import runtime
 
-    assert typing.get_args(typing.get_type_hints(TrainConfig)["parallel"]) == parallel.STRATEGIES
+    assert typing.get_args(typing.get_type_hints(TrainConfig)["parallel"]) == runtime.STRATEGIES
 
 
 def test_generation_settings_given_win_and_foreign_keys_are_ignored():

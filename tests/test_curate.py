@@ -15,8 +15,8 @@ import pytest
 from candorlm.config import CurateConfig
 from candorlm.data.curate import build_executors, curate, is_complete
 from candorlm.data.ledger import read_jsonl
-from candorlm.data.synthetic import code, edit_words, prose, sentence
 from candorlm.errors import CandorError
+from synthetic import code, edit_words, prose, sentence
 
 EMAIL, PHONE, TOKEN = "jane.doe@corpmail.net", "415-555-0132", "ghp_" + "aB3dE5gH7jK9mN1pQ3sT5vW7yZ9bC1dE3fG5"
 

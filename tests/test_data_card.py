@@ -33,9 +33,11 @@ def _audit():
 def test_full_card(tmp_path):
     write_data_card(tmp_path, FULL_STATS, _audit(), {"data": {"source": "stdlib", "pii": "mask"}})
     md = (tmp_path / "DATA_CARD.md").read_text()
-    for needle in ("# Data card: demo", "Documents read: 1,786; kept: 1,500 (83.99%)", "| gopher_quality:too_short | 100 | 5.60% |",
+    for needle in ("# Data card: demo", "Documents read: 1,786; kept: 1,500 (83.99%)",
+                   "| gopher_quality:too_short | 100 | 5.60% |",
                    "| decode_error | 2 |", "min_doc_words=50", "Near duplicates removed: 30",
-                   "14 bands x 8 rows", "| email | 620 |", "(180 documents)", "| pycomplete | 31 | 1 |", "Accounting (read", "13-word n-gram",
+                   "14 bands x 8 rows", "| email | 620 |", "(180 documents)", "| pycomplete | 31 | 1 |",
+                   "Accounting (read", "13-word n-gram",
                    "| doctor | 30 | 0 |", "| nurse | 0 | 30 |", "Verdict: **skewed**", "| religion | 30 | 50.00% |",
                    "| gopher_quality | nationality |", "Gender CDA was applied", "excludes the swapped copies",
                    '"pii": "mask"', "## Known limits"):

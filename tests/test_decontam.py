@@ -1,14 +1,15 @@
 """Decontamination: 13-gram overlaps are caught, 12-word overlaps are not; the shipped
 evaluation set is well formed and its tasks pass their own tests."""
 
+import argparse
 import inspect
 import json
-import argparse
 import pickle
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from candorlm.data import decontam
 from candorlm.data.decontam import Decontaminator, default_eval_sets, load_eval_file

@@ -25,6 +25,7 @@ from candorlm.model.io import load_model, write_model_files
 from candorlm.model.transformer import Transformer
 from candorlm.tokenizer import CHAT_TEMPLATE, Tokenizer
 from conftest import micro_config, missing
+from helpers import cli_error
 
 STOP = {0, 4}  # what candorlm's generation stops on: <|bos|>, <|end|>
 PROMPT = "def wrap(text, width"
@@ -218,14 +219,6 @@ def test_a_failed_export_leaves_the_previous_one(trained, tmp_path, monkeypatch)
 
 
 # --- refusals and bad inputs: one line on stderr, exit 2, nothing written
-
-
-def cli_error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(argv))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("candor: error: ") and err.count("\n") == 1, err
-    return err
 
 
 def random_model(d, tokenizer_dir, **fields):

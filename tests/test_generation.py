@@ -4,15 +4,12 @@ import pytest
 import torch
 
 from candorlm.generation import generate_ids, sample_next
-from candorlm.train.loop import pretrain
-from conftest import micro_config
+from conftest import train_micro
 
 
 @pytest.fixture(scope="module")
 def micro_model(micro_tokens, micro_tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gen") / "m"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "20"), ("train.eval_every", "0")), quiet=True)
-    return out
+    return train_micro(micro_tokens, micro_tokenizer, tmp_path_factory.mktemp("gen") / "m", 20)
 
 
 def test_greedy_cached_decode_equals_recompute(micro_model):
@@ -141,11 +138,13 @@ def test_token_healing_regenerates_the_last_prompt_token(micro_model):
     assert base == ids[:-1] and tail == m.tokenizer.id_to_bytes(ids[-1]) and tail
     picked = allowed.nonzero().flatten().tolist()
     special = set(m.tokenizer.special_ids.values())
-    scan = [i for i in range(m.tokenizer.vocab_size) if i not in special and m.tokenizer.id_to_bytes(i).startswith(tail)]
+    scan = [i for i in range(m.tokenizer.vocab_size)
+            if i not in special and m.tokenizer.id_to_bytes(i).startswith(tail)]
     assert ids[-1] in picked and picked == scan
     for prefix in (b"", b" ", b"de", b"\xff", b"zzzzzzzz"):  # the bisection agrees with a scan everywhere
         assert sorted(m.tokenizer.ids_starting_with(prefix)) == [
-            i for i in range(m.tokenizer.vocab_size) if i not in special and m.tokenizer.id_to_bytes(i).startswith(prefix)]
+            i for i in range(m.tokenizer.vocab_size)
+            if i not in special and m.tokenizer.id_to_bytes(i).startswith(prefix)]
     out = list(generate_ids(m.model, base, 8, temperature=0, first_allowed=allowed, stop_ids=m.stop_ids))
     raw = b"".join(m.tokenizer.id_to_bytes(i) for i in out)
     assert raw.startswith(tail)

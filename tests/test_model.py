@@ -7,9 +7,9 @@ import torch
 
 from candorlm.config import ModelConfig
 from candorlm.model.attention import KVCache
-from candorlm.model import loss as loss_mod
-from candorlm.model.attention import causal_attention
-from candorlm.model.loss import fused_head_loss, naive_head_loss
+from candorlm.model.kernels import head_loss as loss_mod
+from candorlm.model.kernels.cpu_attention import causal_attention
+from candorlm.model.kernels.head_loss import fused_head_loss, naive_head_loss
 from candorlm.model.transformer import Transformer
 
 POS = ["rope", "alibi", "learned", "sinusoidal", "none"]
@@ -64,18 +64,21 @@ def test_fused_head_loss_matches_naive(softcap):
         a = fused_head_loss(x, w, t, softcap, red)
         b = naive_head_loss(x, w, t, softcap, red)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():  # per-token losses without gradients: the chunked path (evaluation)
+            torch.testing.assert_close(fused_head_loss(x, w, t, softcap, red), b.detach(), atol=1e-5, rtol=1e-5)
     ga = torch.autograd.grad(fused_head_loss(x, w, t, softcap).sum(), (x, w))
     gb = torch.autograd.grad(naive_head_loss(x, w, t, softcap).sum(), (x, w))
-    for u, v in zip(ga, gb):
+    for u, v in zip(ga, gb, strict=False):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("softcap", [0.0, 15.0])
 def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
-    """Several chunks (the summed path computes its gradients in forward), gradients for x
-    only and for w only, bf16 autocast, and a forward without gradients."""
+    """Several chunks (the summed path computes its gradients in forward, per-token losses
+    are computed chunk by chunk), gradients for x only and for w only, bf16 autocast, and a
+    forward without gradients."""
     monkeypatch.setattr(loss_mod, "SUM_CHUNK_ROWS", 96)
-    monkeypatch.setattr(loss_mod, "CHUNK_ROWS", 64)
+    monkeypatch.setattr(loss_mod, "CHUNK_LOGITS", 64 * 50)  # 64 rows of the 50-token vocabulary
     torch.manual_seed(1)
     x = torch.randn(333, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
@@ -84,18 +87,24 @@ def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
     for red in ("mean", "sum"):
         ga = torch.autograd.grad(fused_head_loss(x, w, t, softcap, red), (x, w))
         gb = torch.autograd.grad(naive_head_loss(x, w, t, softcap, red), (x, w))
-        for u, v in zip(ga, gb):
+        for u, v in zip(ga, gb, strict=False):
             torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
-    # Per-token losses weighted unevenly go through the recomputing path.
+    # Per-token losses weighted unevenly, with gradients: the plain path.
     wts = torch.rand(333)
     ga = torch.autograd.grad((fused_head_loss(x, w, t, softcap, "none") * wts).sum(), (x, w))
     gb = torch.autograd.grad((naive_head_loss(x, w, t, softcap, "none") * wts).sum(), (x, w))
-    for u, v in zip(ga, gb):
+    for u, v in zip(ga, gb, strict=False):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # without: chunk by chunk (6 chunks of 64 rows), ignored rows 0
+        per_token = fused_head_loss(x, w, t, softcap, "none")
+        torch.testing.assert_close(per_token, naive_head_loss(x, w, t, softcap, "none"))
+        assert (per_token[5::11] == 0).all()
     (gx,) = torch.autograd.grad(fused_head_loss(x, w.detach(), t, softcap), (x,))
-    torch.testing.assert_close(gx, torch.autograd.grad(naive_head_loss(x, w.detach(), t, softcap), (x,))[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gx, torch.autograd.grad(naive_head_loss(x, w.detach(), t, softcap), (x,))[0],
+                               atol=1e-5, rtol=1e-4)
     (gw,) = torch.autograd.grad(fused_head_loss(x.detach(), w, t, softcap), (w,))
-    torch.testing.assert_close(gw, torch.autograd.grad(naive_head_loss(x.detach(), w, t, softcap), (w,))[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, torch.autograd.grad(naive_head_loss(x.detach(), w, t, softcap), (w,))[0],
+                               atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(fused_head_loss(x, w, t, softcap), naive_head_loss(x, w, t, softcap))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -128,48 +137,101 @@ def test_cpu_attention_kernel_matches_sdpa(heads, masking):
     assert torch.autograd.gradcheck(lambda q, k, v: causal_attention(q, k, v, mask), (q, k, v))
 
 
-@pytest.mark.parametrize("kw", [{}, {"pos_encoding": "alibi"}, {"window_pattern": "SL"},
-                                {"pos_encoding": "alibi", "window_pattern": "SL"}])
-def test_training_step_same_with_and_without_cpu_attention_kernel(monkeypatch, kw):
-    """A model's loss and gradients are the kernel's or SDPA's alike (float32), with each
-    kind of mask: causal, ALiBi biases, sliding windows."""
-    import candorlm.model.attention as A
+def twin(cfg: ModelConfig, **changes) -> tuple[Transformer, Transformer]:
+    """Two models with the same weights, the second built with `changes` to its config."""
+    import dataclasses
 
     torch.manual_seed(0)
-    m = Transformer(tiny(n_layers=2, **kw))
-    x = torch.randint(0, 97, (3, 40))
+    a = Transformer(cfg)
+    b = Transformer(dataclasses.replace(cfg, **changes))
+    b.load_state_dict(a.state_dict())
+    return a, b
 
-    def grads():
-        m.zero_grad()
-        loss = m(x[:, :-1], x[:, 1:])
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in m.parameters()]
 
-    q, k = torch.zeros(3, 4, 39, 16, requires_grad=True), torch.zeros(3, 2, 39, 16)
-    assert A.use_cpu_attention(q, k)
-    with torch.no_grad():
-        assert not A.use_cpu_attention(q, k)  # inference keeps SDPA
-    assert not A.use_cpu_attention(q.detach(), k)
-    monkeypatch.setattr(A, "CPU_ATTENTION_MAX_BYTES", 3 * 4 * 39 * 39 * 4 - 1)
-    assert not A.use_cpu_attention(q, k)  # probabilities over the cap: SDPA's O(T) memory
-    monkeypatch.setattr(A, "CPU_ATTENTION_MAX_BYTES", 256 << 20)
+def loss_and_grads(m: Transformer, x: torch.Tensor):
+    m.zero_grad()
+    loss = m(x[:, :-1], x[:, 1:])
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in m.parameters()]
+
+
+@pytest.mark.parametrize("kw", [{}, {"pos_encoding": "alibi"}, {"window_pattern": "SL"},
+                                {"pos_encoding": "alibi", "window_pattern": "SL"}])
+def test_training_step_same_through_cpu_kernel_and_sdpa(monkeypatch, kw):
+    """A model's loss and gradients are the same with model.attention_backend=cpu (the
+    batched-matmul kernel) and sdpa (float32), with each kind of mask: causal, ALiBi biases,
+    sliding windows; and the cpu backend does send every training layer to the kernel."""
+    from candorlm.model.kernels import cpu_attention
+
     calls = []
-    kernel = A.causal_attention
-    monkeypatch.setattr(A, "causal_attention", lambda *a: calls.append(1) or kernel(*a))
-    la, ga = grads()
+    kernel = cpu_attention.causal_attention
+    monkeypatch.setattr(cpu_attention, "causal_attention", lambda *a: calls.append(1) or kernel(*a))
+    cpu, sdpa = twin(tiny(n_layers=2, **kw), attention_backend="sdpa")
+    assert (cpu.attention_backend, sdpa.attention_backend) == ("cpu", "sdpa")  # auto on CPU: the kernel
+    x = torch.randint(0, 97, (3, 40))
+    la, ga = loss_and_grads(cpu, x)
     assert len(calls) == 2  # every layer took the kernel, masked or not
-    monkeypatch.setattr(A, "CPU_ATTENTION", "never")
-    lb, gb = grads()
+    lb, gb = loss_and_grads(sdpa, x)
     assert len(calls) == 2
     torch.testing.assert_close(la, lb)
-    for u, v in zip(ga, gb):
+    for u, v in zip(ga, gb, strict=False):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
+
+
+def test_cpu_backend_keeps_sdpa_where_the_kernel_does_not_pay(monkeypatch):
+    """Inference (no gradients), decoding with a KV cache (start > 0, or one query) and
+    probabilities over the memory cap take SDPA; training within the cap takes the kernel."""
+    from candorlm.model import attention as A
+    from candorlm.model.kernels import cpu_attention
+
+    def plan(batch=3, q_len=39, start=0):
+        return A.plan_attention("cpu", batch, 4, q_len, start, 0, None, "cpu", torch.float32)[0]
+
+    assert plan() is cpu_attention.causal_attention
+    with torch.no_grad():
+        assert plan() is A.sdpa_attention
+    assert plan(start=5) is A.sdpa_attention and plan(q_len=1) is A.sdpa_attention
+    monkeypatch.setattr(cpu_attention, "MAX_PROB_BYTES", 3 * 4 * 39 * 39 * 4 - 1)
+    assert plan() is A.sdpa_attention  # over the cap: SDPA's O(T) memory
+    assert plan(batch=2) is cpu_attention.causal_attention
+    assert A.plan_attention("sdpa", 3, 4, 39, 0, 0, None, "cpu", torch.float32)[0] is A.sdpa_attention
+
+
+def test_attention_backend_is_resolved_for_the_device():
+    """auto: the kernel on CPU, FlexAttention for sliding windows on CUDA (resolved without a
+    GPU: only the choice is made here), SDPA elsewhere; an explicit choice stays; a bad one is
+    a config error naming the accepted values."""
+    from candorlm.errors import CandorError
+    from candorlm.model.attention import resolve_backend
+
+    assert [resolve_backend("auto", d) for d in ("cpu", "cuda", "meta")] == ["cpu", "flex", "sdpa"]
+    assert resolve_backend("sdpa", "cpu") == "sdpa"
+    m = Transformer(tiny(), device="cuda")  # parameters stay where they are made (CPU here)
+    assert m.attention_backend == "flex" and not m.embed.index_add_backward
+    m.use_device("cpu")
+    assert m.attention_backend == "cpu" and m.embed.index_add_backward
+    with pytest.raises(CandorError, match="attention_backend='fast' is not one of auto, sdpa, cpu, flex"):
+        tiny(attention_backend="fast").resolved()
+
+
+def test_unfused_qk_norm_rope_path_trains_the_same():
+    """The plain QK-norm then RoPE (the path tensor parallelism switches the model to) gives
+    the fused function's loss and gradients."""
+    fused, plain = twin(tiny(n_layers=2))
+    for block in plain.layers:
+        block.attn.fused_qk_norm_rope = False
+    x = torch.randint(0, 97, (3, 40))
+    la, ga = loss_and_grads(fused, x)
+    lb, gb = loss_and_grads(plain, x)
+    torch.testing.assert_close(la, lb)
+    for u, v in zip(ga, gb, strict=False):
         torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-4)
 
 
 def test_fused_qk_norm_rope_matches_norm_then_rope():
     """The fused per-head RMSNorm + RoPE against rms_norm then apply_rope: float64 values and
     gradients (gradcheck, including the norm weight), and bf16 within bf16's resolution."""
-    from candorlm.model.attention import _QKNormRope
+    from candorlm.model.kernels.qk_norm_rope import _QKNormRope
     from candorlm.model.positions import apply_rope, rope_tables
 
     torch.manual_seed(0)
@@ -197,6 +259,7 @@ def test_embedding_gradient_equals_nn_embedding():
 
     torch.manual_seed(0)
     ours, ref = Embedding(11, 5), torch.nn.Embedding(11, 5)
+    ours.index_add_backward = True
     ref.weight.data.copy_(ours.weight.data)
     idx = torch.tensor([[1, 3, 3, 0], [3, 10, 1, 1]])
     g = torch.randn(2, 4, 5)
@@ -207,8 +270,8 @@ def test_embedding_gradient_equals_nn_embedding():
 
 def test_compiled_training_step_equals_eager():
     """Under torch.compile the head loss, the QK-norm/RoPE and the embedding take their
-    compile-only forms (model/loss.py, model/attention.py): the loss and every gradient match
-    eager float32 (this is the path CPU presets train on)."""
+    compile-only forms (model/kernels/): the loss and every gradient match eager float32
+    (this is the path CPU presets train on)."""
     torch.manual_seed(0)
     m = Transformer(tiny(n_layers=2, logit_softcap=30.0))
     x = torch.randint(0, 97, (3, 41))
@@ -224,12 +287,13 @@ def test_compiled_training_step_equals_eager():
     torch._dynamo.reset()
     lc, gc = grads(torch.compile(m))
     torch.testing.assert_close(lc, le, atol=1e-5, rtol=1e-5)
-    for a, b in zip(gc, ge):
+    for a, b in zip(gc, ge, strict=False):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kw", [dict(pos_encoding=p) for p in POS] + [
-                                dict(window_pattern="SSSL", n_layers=4), dict(window_pattern="SL", pos_encoding="alibi"),
+                                dict(window_pattern="SSSL", n_layers=4),
+                                dict(window_pattern="SL", pos_encoding="alibi"),
                                 dict(mlp="relu2"), dict(mlp="gelu", norm="layernorm", qk_norm=False),
                                 dict(n_kv_heads=1), dict(n_kv_heads=4), dict(tie_embeddings=False),
                                 dict(logit_softcap=30.0), dict(pos_encoding="learned", mlp="gelu")])
@@ -274,16 +338,11 @@ def test_bad_config_is_a_clear_error():
 
 
 @pytest.mark.parametrize("pattern", ["SL", "SSSL"])
-def test_flex_attention_sliding_windows_equal_sdpa_masks(pattern, monkeypatch):
-    """The GPU path (FlexAttention block masks) computes what the CPU path (SDPA with a
-    boolean mask) does; FlexAttention runs forward-only on CPU, enough to compare."""
-    import candorlm.model.attention as A
-
-    torch.manual_seed(0)
-    m = Transformer(tiny(window_pattern=pattern, n_layers=4, window_size=5, max_seq_len=128)).eval()
+def test_flex_attention_sliding_windows_equal_sdpa_masks(pattern):
+    """The GPU path (model.attention_backend=flex: FlexAttention block masks) computes what
+    SDPA with a boolean mask does; FlexAttention runs forward-only on CPU, enough to compare."""
+    cfg = tiny(window_pattern=pattern, n_layers=4, window_size=5, max_seq_len=128, attention_backend="sdpa")
+    sdpa, flex = twin(cfg, attention_backend="flex")
     x = torch.randint(0, 97, (2, 128))
     with torch.no_grad():
-        ref = m(x)
-        monkeypatch.setattr(A, "FLEX", "always")
-        flex = m(x)
-    torch.testing.assert_close(flex, ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(flex.eval()(x), sdpa.eval()(x), atol=2e-5, rtol=1e-4)

@@ -6,10 +6,10 @@ of float sums differs. The one-process reference must see the same global batch 
 together: each rank r draws TrainBatches(..., batch_size=B, rank=r), so the reference draws
 with `UnionBatches`, which concatenates what ranks 0 and 1 draw, at batch size 2B.
 
-AdamW comparisons are tight. Muon's Newton-Schulz runs in bf16 (torch.optim.Muon), which
-turns fp32 reduction-order differences (~1e-7) into update differences of bf16 size, so the
-Muon comparisons (model/parallel.py's gathered Newton-Schulz under FSDP and TP) are looser:
-still far below what a wrong shard or a missing reduction would do (~1e-1 after 6 steps).
+AdamW comparisons are tight. Muon's Newton-Schulz (train/optim.py's Muon, whole matrices
+gathered under FSDP and TP) runs in the training precision, fp32 here, but its iterations
+amplify fp32 reduction-order differences (~1e-7), so the Muon comparisons are looser: still
+far below what a wrong shard or a missing reduction would do (~1e-1 after 6 steps).
 
 This file is also the torchrun target for runs that stop early (`--worker`), which the CLI
 cannot ask for.
@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import MICRO  # noqa: E402
+from helpers import assert_resumed, read_log  # noqa: E402
 
 RANKS = 2
 B = 4  # per-rank batch (MICRO's)
@@ -50,7 +51,7 @@ class UnionBatches:
         self.parts = [TrainBatches(tokens, seq_len, batch_size // RANKS, seed, rank=r) for r in range(RANKS)]
 
     def get(self, step, micro=0):
-        xs, ys = zip(*(p.get(step, micro) for p in self.parts))
+        xs, ys = zip(*(p.get(step, micro) for p in self.parts), strict=False)
         return torch.cat(xs), torch.cat(ys)
 
 
@@ -58,16 +59,17 @@ def _pairs(*extra):
     return SETS + list(extra)
 
 
-def _log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-
-
 def losses(out: Path) -> dict[int, float]:
-    return {e["step"]: e["loss"] for e in _log(out) if "loss" in e}
+    return {e["step"]: e["loss"] for e in read_log(out) if "loss" in e}
 
 
 def grad_norms(out: Path) -> dict[int, float]:
-    return {e["step"]: e["grad_norm"] for e in _log(out) if "loss" in e}
+    return {e["step"]: e["grad_norm"] for e in read_log(out) if "loss" in e}
+
+
+def saved_optimizer_norm(out: Path) -> float:
+    """The optimizer states' norm the last checkpoint logged: what a resume compares with."""
+    return [e for e in read_log(out) if e.get("event") == "save"][-1]["optimizer_norm"]
 
 
 def assert_close(a: dict, b: dict, tol=TOL):
@@ -143,13 +145,14 @@ def test_ddp_equals_one_process(micro_tokens, micro_tokenizer, tmp_path):
     assert_close(losses(out), losses(ref))
     assert_close(grad_norms(out), grad_norms(ref))
     assert_weights_close(out, ref)
-    assert _log(out)[-1]["tokens_seen"] == 6 * 2 * RANKS * B * 64
+    assert read_log(out)[-1]["tokens_seen"] == 6 * 2 * RANKS * B * 64
 
 
 def test_fsdp_equals_one_process(fsdp_run, ref):
     assert_close(losses(fsdp_run), losses(ref))
     assert_close(grad_norms(fsdp_run), grad_norms(ref))
     assert_weights_close(fsdp_run, ref)
+    assert saved_optimizer_norm(fsdp_run) == pytest.approx(saved_optimizer_norm(ref), rel=TOL)  # whole, not one shard's
     assert (fsdp_run / "train_state" / "dcp" / ".metadata").is_file()
     assert not (fsdp_run / ".staging").exists()
 
@@ -161,7 +164,8 @@ def test_muon_under_fsdp_equals_one_process(micro_tokens, micro_tokenizer, tmp_p
     assert_weights_close(out, ref_muon, tol=MUON_TOL)
 
 
-@pytest.mark.parametrize("parallel,optimizer,tol,pos", [("tp", "adamw", TOL, "rope"), ("fsdp+tp", "muon", MUON_TOL, "rope"),
+@pytest.mark.parametrize("parallel,optimizer,tol,pos", [("tp", "adamw", TOL, "rope"),
+                                                         ("fsdp+tp", "muon", MUON_TOL, "rope"),
                                                          ("tp", "adamw", TOL, "alibi")])
 def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_path, parallel, optimizer, tol, pos):
     """Both ranks hold one replica between them, so they read the same batch: global batch B.
@@ -177,6 +181,24 @@ def test_tensor_parallel_equals_one_process(micro_tokens, micro_tokenizer, tmp_p
     assert_close(losses(out), losses(ref), tol=tol)
     assert_close(grad_norms(out), grad_norms(ref), tol=tol)
     assert_weights_close(out, ref, tol=max(tol, 1e-4))
+    # sharded and replicated states each counted once
+    assert saved_optimizer_norm(out) == pytest.approx(saved_optimizer_norm(ref), rel=max(tol, 1e-4))
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "fsdp+tp"])
+def test_compiled_blocks_train_as_eager_ones(micro_tokens, micro_tokenizer, tmp_path, parallel, fsdp_run):
+    """Blocks compiled in place (`block.compile()`), under FSDP's hooks and, with TP, inside the
+    activation-checkpointing wrapper: the same losses and weights as eager ranks (fsdp_run, or
+    an eager fsdp+tp run here), with parameter names a single-process model has."""
+    extra = [("train.parallel", parallel)]
+    if parallel == "fsdp+tp":
+        extra += [("train.tp_size", str(RANKS)), ("train.activation_checkpointing", "true")]
+        eager = torchrun(micro_tokens, micro_tokenizer, tmp_path / "eager", *extra)
+    else:
+        eager = fsdp_run
+    out = torchrun(micro_tokens, micro_tokenizer, tmp_path / "compiled", *extra, ("train.compile", "true"), timeout=600)
+    assert_close(losses(out), losses(eager), tol=1e-4)
+    assert_weights_close(out, eager)  # also: the same parameter names
 
 
 def test_two_rank_checkpoint_resumes_on_two_and_on_one(micro_tokens, micro_tokenizer, tmp_path, fsdp_run, ref):
@@ -187,12 +209,14 @@ def test_two_rank_checkpoint_resumes_on_two_and_on_one(micro_tokens, micro_token
     shutil.copytree(part, solo)
 
     torchrun(micro_tokens, micro_tokenizer, part, ("train.parallel", "fsdp"), resume=True)
-    assert_close(losses(part), losses(fsdp_run), tol=0)  # steps 1-2 logged before, 3-6 after resuming
+    assert_resumed(part, STOP, 6)  # steps 1-2 logged before, 3-6 after resuming, from the saved shards
+    assert_close(losses(part), losses(fsdp_run), tol=0)
     assert_weights_close(part, fsdp_run, tol=0)  # same ranks, same sums: bit for bit
 
     # 2 -> 1: one process reads the DCP shards whole (no process group) and carries on with
     # the same global batch.
     one_process(micro_tokens, micro_tokenizer, solo, ("train.batch_size", str(RANKS * B)), union=True, resume=True)
+    assert_resumed(solo, STOP, 6)
     assert_close(losses(solo), losses(ref))
     assert_weights_close(solo, ref)
     assert not (solo / "train_state" / "dcp").exists()  # a one-process checkpoint again
@@ -203,24 +227,42 @@ def test_one_process_checkpoint_resumes_on_two_ranks(micro_tokens, micro_tokeniz
     out = tmp_path / "m"
     one_process(micro_tokens, micro_tokenizer, out, ("train.batch_size", str(RANKS * B)), union=True, stop_at=STOP)
     torchrun(micro_tokens, micro_tokenizer, out, ("train.parallel", "fsdp"), resume=True)
+    assert_resumed(out, STOP, 6)
     assert_close(losses(out), losses(fsdp_run))
     assert_weights_close(out, fsdp_run)
 
 
 def test_configuration_errors_are_clear():
     from candorlm.config import build_config
+    from candorlm.distributed import parallelize, runtime
     from candorlm.errors import CandorError
-    from candorlm.model import parallel
-    from candorlm.model.transformer import Transformer
 
     cfg = build_config("cpu-tiny", MICRO + [("train.parallel", "fsdp")])
     with pytest.raises(CandorError, match="torchrun"):
-        parallel.parallelize(Transformer(cfg.model), cfg.train, parallel.DistInfo())
+        runtime.init_distributed(cfg.train.parallel, cfg.train.tp_size)
+    with pytest.raises(CandorError, match="train.parallel='zero' is not one of"):
+        runtime.init_distributed("zero")
     with pytest.raises(CandorError, match="n_kv_heads=2 across 4 ranks"):
-        parallel._check_tp(cfg.model, 4)
+        parallelize._check_tp(cfg.model, 4)
     with pytest.raises(CandorError, match="fsdp\\+tp"):
-        parallel._tp_degree("tp", 2, 4)
-    assert parallel._tp_degree("fsdp+tp", 2, 4) == 2 and parallel._tp_degree("tp", 1, 2) == 2
+        runtime.tp_degree("tp", 2, 4)
+    assert runtime.tp_degree("fsdp+tp", 2, 4) == 2 and runtime.tp_degree("tp", 1, 2) == 2
+    assert runtime.DistInfo(rank=3, world_size=4, tp_size=2).dp_rank == 1
+
+
+def test_one_process_compiles_in_place():
+    """One process: the model itself is compiled (nn.Module.compile), so parameter and
+    state-dict names stay those of the eager model (no `_orig_mod.`)."""
+    from candorlm.config import build_config
+    from candorlm.distributed import parallelize, runtime
+    from candorlm.model.transformer import Transformer
+
+    cfg = build_config("cpu-tiny", MICRO + [("train.compile", "true")])
+    model = Transformer(cfg.model)
+    names = [n for n, _ in model.named_parameters()]
+    assert parallelize.parallelize(model, cfg.train, runtime.DistInfo()) is model
+    assert model._compiled_call_impl is not None
+    assert [n for n, _ in model.named_parameters()] == names and "_orig_mod" not in "".join(model.state_dict())
 
 
 def _worker(job: dict) -> None:

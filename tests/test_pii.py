@@ -1,16 +1,17 @@
 """PII scrubbing: planted items of every type are masked and counted; look-alikes are not."""
 
-import inspect
-import json
 import argparse
 import collections
+import inspect
+import json
 import os
 import subprocess
 import time
 import typing
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from candorlm.data import pii
 from candorlm.errors import CandorError
@@ -26,7 +27,8 @@ PLANTED = [
     ("credit_card", "amex 3782-822463-10005 exp", "3782-822463-10005"),
     ("credit_card", "mc 5500000000000004 exp", "5500000000000004"),
     ("secret", "key AKIAIOSFODNN7EXAMPLE here", "AKIAIOSFODNN7EXAMPLE"),
-    ("secret", 'aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"', "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
+    ("secret", 'aws_secret_access_key = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"',
+     "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"),
     ("secret", "token ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789 ok", "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"),
     ("secret", "slack xoxb-123456789012-abcdefghijklmno ok", "xoxb-123456789012-abcdefghijklmno"),
     ("secret", "maps AIzaSyA-1234567890abcdefghijklmnopqrstu ok", "AIzaSyA-1234567890abcdefghijklmnopqrstu"),
@@ -34,7 +36,8 @@ PLANTED = [
     ("secret", 'password = "Xk9#mP2$vL7q"', "Xk9#mP2$vL7q"),
     ("secret", "DB_PASSWORD=Zq8vT3rW9pLm", "Zq8vT3rW9pLm"),
     ("secret", "db = 'postgres://admin:s3cr3tPw@db.internal/app'", "s3cr3tPw"),
-    ("secret", "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----", "MIIEpAIBAAKCAQEA7"),
+    ("secret", "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----",
+     "MIIEpAIBAAKCAQEA7"),
 ]
 
 
@@ -117,7 +120,8 @@ def test_many_findings_in_one_document():
     t0 = time.perf_counter()
     out, counts = pii.scrub(doc)
     assert counts == {"email": 20000, "phone": 20000}
-    assert time.perf_counter() - t0 < 10  # measured 0.85 s on a loaded 2-core machine; overlap checks must not be quadratic
+    # measured 0.85 s on a loaded 2-core machine; overlap checks must not be quadratic
+    assert time.perf_counter() - t0 < 10
 
 
 @settings(max_examples=200, deadline=None)

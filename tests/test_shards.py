@@ -33,7 +33,8 @@ def write_docs(d, docs, name="part-000.jsonl"):
 
 
 def corpus(tmp_path, n=60):
-    docs = [{"id": f"doc-{i}", "text": TEXTS[i % len(TEXTS)] + f"#{i}", "metadata": {"source": f"f{i}.py"}} for i in range(n)]
+    docs = [{"id": f"doc-{i}", "text": TEXTS[i % len(TEXTS)] + f"#{i}", "metadata": {"source": f"f{i}.py"}}
+            for i in range(n)]
     d = tmp_path / "documents"
     write_docs(d, docs[: n // 2], "a.jsonl")
     write_docs(d, docs[n // 2:], "b.jsonl.gz")
@@ -46,7 +47,7 @@ def split_docs(tok, arr):
     starts = np.flatnonzero(arr == tok.bos_id)
     assert len(arr) == 0 or starts[0] == 0
     bounds = list(starts) + [len(arr)]
-    return [tok.decode(arr[a + 1:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [tok.decode(arr[a + 1:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=False)]
 
 
 def test_iter_documents_order_and_passthrough(tmp_path):

@@ -15,8 +15,8 @@ from candorlm.data.ledger import LedgerWriter, aggregate_counts, read_jsonl
 from candorlm.data.normalize import content_type, normalize_text
 from candorlm.data.reader import SourceReader
 from candorlm.data.sources import MB, assign, plan, resolve_source
-from candorlm.data.synthetic import code, prose
 from candorlm.errors import CandorError
+from synthetic import code, prose
 
 
 def read_all(spec: str, tmp_path, tasks: int = 1, max_doc_bytes: int = 8 * MB, chunk: int = 4 * MB, txt_chars=4096,
@@ -175,8 +175,9 @@ def test_bad_files_are_failures_with_reasons(tmp_path):
     os.mkfifo(root / "pipe")
     docs, fails, counts = read_all(str(root), tmp_path, max_doc_bytes=MB)
     reasons = {f["id"]: f["reason"] for f in fails}
-    assert reasons == {"blob.dat": "binary", "huge.dat": "binary", "latin1.txt": "invalid_utf8", "dangling.txt": "unreadable",
-                       "l1": "unreadable", "l2": "unreadable", "loop": "symlink_loop", "pipe": "not_regular_file"}
+    assert reasons == {"blob.dat": "binary", "huge.dat": "binary", "latin1.txt": "invalid_utf8",
+                       "dangling.txt": "unreadable", "l1": "unreadable", "l2": "unreadable", "loop": "symlink_loop",
+                       "pipe": "not_regular_file"}
     byid = {d.id: d for d in docs}
     assert set(byid) == {"ok.txt", "koi8.py", "empty.txt", "huge.txt"}
     assert hello in byid["koi8.py"].text  # PEP 263 declared encoding

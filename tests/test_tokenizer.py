@@ -17,7 +17,8 @@ from candorlm.errors import CandorError
 from candorlm.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
 WORDS = "the quick brown fox jumps over a lazy dog while data flows through every stage".split()
-UNICODE = ["café", "naïve", "Ελληνικά", "русский", "日本語のテキスト", "한국어", "emoji 🙂🚀", "עברית", "\u200bzero-width"]
+UNICODE = ["café", "naïve", "Ελληνικά", "русский", "日本語のテキスト", "한국어", "emoji 🙂🚀", "עברית",
+           "\u200bzero-width"]
 
 
 def make_corpus(n: int = 400, seed: int = 0) -> list[str]:
@@ -25,7 +26,8 @@ def make_corpus(n: int = 400, seed: int = 0) -> list[str]:
     docs = []
     for i in range(n):
         name = rng.choice(WORDS) + str(i)
-        code = f"def {name}(x, y={rng.randint(0, 999)}):\n    \"\"\"{rng.choice(WORDS)}.\"\"\"\n    return x * y + {i}\n\n"
+        code = (f"def {name}(x, y={rng.randint(0, 999)}):\n    \"\"\"{rng.choice(WORDS)}.\"\"\"\n"
+                f"    return x * y + {i}\n\n")
         prose = " ".join(rng.choice(WORDS) for _ in range(30)).capitalize() + ". "
         docs.append(code + prose + rng.choice(UNICODE) + "\n\tTabs,\r\nCRLF and  double  spaces.\n")
     return docs
@@ -53,7 +55,9 @@ SAMPLES = [
     "'s 're 'LL I'M",
 ]
 
-special_heavy = st.lists(st.sampled_from(list(SPECIAL_TOKENS) + ["<|", "|>", "<|bos", "a", " ", "\n", "é", "🙂", "\x00"]), max_size=20).map("".join)
+special_heavy = st.lists(st.sampled_from(list(SPECIAL_TOKENS)
+                                         + ["<|", "|>", "<|bos", "a", " ", "\n", "é", "🙂", "\x00"]),
+                         max_size=20).map("".join)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -129,7 +133,8 @@ def test_load_errors(tmp_path):
 
 
 def test_load_rejects_foreign_tokenizer(tmp_path):
-    from tokenizers import Tokenizer as HFTok, models
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models
     HFTok(models.BPE(vocab={"a": 0, "b": 1}, merges=[])).save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(CandorError, match="not a candorlm tokenizer"):
         Tokenizer.load(tmp_path)
@@ -144,7 +149,8 @@ def test_render_chat(tok):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     ids = tok.render_chat(msgs, add_generation_prompt=True)
     s = tok.special_ids
-    assert ids == [s["bos"], s["system"], *tok.encode("Be brief."), s["end"], s["user"], *tok.encode("Hi"), s["end"], s["assistant"]]
+    assert ids == [s["bos"], s["system"], *tok.encode("Be brief."), s["end"], s["user"], *tok.encode("Hi"), s["end"],
+                   s["assistant"]]
     assert tok.render_chat(msgs, add_generation_prompt=False) == ids[:-1]
     with pytest.raises(CandorError, match="role"):
         tok.render_chat([{"role": "tool", "content": "x"}])

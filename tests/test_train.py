@@ -1,6 +1,7 @@
 """Pretraining: loss falls, resume is exact (bit for bit), checkpoints are atomic."""
 
 import json
+import math
 import os
 import platform
 import signal
@@ -15,6 +16,7 @@ from safetensors.torch import load_file
 from candorlm.errors import CandorError
 from candorlm.train.loop import pretrain
 from conftest import micro_config
+from helpers import assert_resumed, processes, read_log
 
 
 def weights(d):
@@ -32,7 +34,7 @@ def assert_same_weights(a, b):
 def test_loss_falls_and_model_dir_is_complete(micro_tokens, micro_tokenizer, tmp_path, optimizer):
     cfg = micro_config(("train.optimizer", optimizer), ("train.max_steps", "30"), ("train.eval_every", "0"))
     r = pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
-    log = [json.loads(l) for l in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path / "m")
     losses = [e["loss"] for e in log if "loss" in e]
     assert losses[-1] < losses[0] - 0.5  # from ln(512) = 6.24 (uniform) to ~5.4 in 30 micro steps
     assert 0 < r["val_bpb"] < 8
@@ -41,54 +43,83 @@ def test_loss_falls_and_model_dir_is_complete(micro_tokens, micro_tokenizer, tmp
 
 
 def test_resume_is_exact(micro_tokens, micro_tokenizer, tmp_path):
-    cfg = micro_config
+    def cfg():
+        return micro_config(("train.log_every", "1"))
+
     full = pretrain(micro_tokens, micro_tokenizer, tmp_path / "full", cfg(), quiet=True)
     part = pretrain(micro_tokens, micro_tokenizer, tmp_path / "part", cfg(), quiet=True, stop_at_step=5)
     assert part == {"interrupted": True, "step": 5}
     res = pretrain(micro_tokens, micro_tokenizer, tmp_path / "part", cfg(), quiet=True, resume=True)
     assert res["step"] == full["step"] == 12
+    assert_resumed(tmp_path / "part", 5, 12)  # not steps 1-12 again, which would end with the same weights
     assert_same_weights(tmp_path / "full", tmp_path / "part")
     assert res["val_bpb"] == full["val_bpb"]
 
 
+def test_resume_loads_the_saved_states(micro_tokens, micro_tokenizer, tmp_path):
+    """After set_up, every optimizer state tensor (Muon's momentum buffers, AdamW's moments
+    and step counts) and every weight is the checkpoint's, bit for bit."""
+    from candorlm.train.loop import set_up
+
+    out = tmp_path / "m"
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=5)
+    saved = torch.load(out / "train_state" / "optimizer.pt", weights_only=True)["optimizers"]
+    run = set_up(micro_tokens, micro_tokenizer, out, micro_config(), resume=True, quiet=True)
+    assert run.state["step"] == 5 and len(run.optimizers) == 2  # Muon, AdamW
+    for opt, want in zip(run.optimizers, saved, strict=True):
+        got = opt.state_dict()["state"]
+        assert got and got.keys() == want["state"].keys()
+        for i, tensors in want["state"].items():
+            assert got[i].keys() == tensors.keys()
+            for k, v in tensors.items():
+                assert torch.equal(got[i][k], v), (i, k)
+    model = run.model.state_dict()
+    assert all(torch.equal(model[k], v) for k, v in weights(out).items())
+
+
 def test_resume_refuses_another_model_and_follows_a_new_length(micro_tokens, micro_tokenizer, tmp_path):
     out = tmp_path / "m"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=4)
+    every = ("train.log_every", "1")
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(every), quiet=True, stop_at_step=4)
     before = weights(out)
     for change in (("model.d_model", "32"), ("train.optimizer", "adamw")):
         with pytest.raises(CandorError, match=change[0].replace(".", r"\.") + ".*checkpoint"):
             pretrain(micro_tokens, micro_tokenizer, out, micro_config(change), quiet=True, resume=True)
     assert all(torch.equal(before[k], v) for k, v in weights(out).items())  # refused before anything was written
-    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.max_steps", "16"), ("train.batch_size", "3")),
-                   quiet=True, resume=True)
+    res = pretrain(micro_tokens, micro_tokenizer, out,
+                   micro_config(every, ("train.max_steps", "16"), ("train.batch_size", "3")), quiet=True, resume=True)
     assert res["step"] == 16  # the new length, not the checkpoint's 12
+    assert_resumed(out, 4, 16)
     # a longer context: no new weights under RoPE, so it trains on; learned positions would need them
     longer = (("train.max_steps", "18"), ("train.seq_len", "128"), ("model.max_seq_len", "128"))
-    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(*longer), quiet=True, resume=True)
+    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(every, *longer), quiet=True, resume=True)
     assert res["step"] == 18 and json.loads((out / "config.json").read_text())["model"]["max_seq_len"] == 128
+    assert_resumed(out, 16, 18)
     learned = tmp_path / "learned"
-    pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned")), quiet=True, stop_at_step=2)
+    pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned")), quiet=True,
+             stop_at_step=2)
     with pytest.raises(CandorError, match="model.max_seq_len=128"):
         pretrain(micro_tokens, micro_tokenizer, learned, micro_config(("model.pos_encoding", "learned"), *longer),
                  quiet=True, resume=True)
 
 
 def test_time_budget_refits_and_keeps_the_schedule(micro_tokens, micro_tokenizer, tmp_path):
-    from candorlm.train.loop import _refit_step, _steps_for_budget
+    from candorlm.train.budget import TimeBudget
     from conftest import micro_config as mc
 
     t = mc(("train.max_steps", "100000"), ("train.eval_every", "0")).train
     # 0.1 s steps, 6 done in 1 s of a 31 s budget (one final eval of 2048 tokens, 2 s for the save)
-    assert _steps_for_budget(31.0, 0.1, t, 256, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 2 - 2) / 0.1)
-    assert _steps_for_budget(1.0, 0.1, t, 256, 5.0, 6) == 9  # over budget: no shorter than the stable phase
-    assert _steps_for_budget(1000.0, 0.1, mc(("train.max_steps", "50")).train, 256, 1.0, 6) == 50  # the cap
+    assert TimeBudget(31.0, t, 256).length(0.1, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 2 - 2) / 0.1)
+    assert TimeBudget(1.0, t, 256).length(0.1, 5.0, 6) == 9  # over budget: no shorter than the stable phase
+    assert TimeBudget(1000.0, mc(("train.max_steps", "50")).train, 256).length(0.1, 1.0, 6) == 50  # the cap
     # a quarter, then half of the way; not at or past the decay's start (70% of the way here)
-    assert _refit_step(6, 400, t) == 100 and _refit_step(100, 400, t) == 200 and _refit_step(200, 400, t) is None
-    assert _refit_step(70, 304, t) == 152 and _refit_step(6, 3, t) is None  # an eighth of the run apart at least
+    refit = TimeBudget(31.0, t, 256).refit_step
+    assert refit(6, 400) == 100 and refit(100, 400) == 200 and refit(200, 400) is None
+    assert refit(70, 304) == 152 and refit(6, 3) is None  # an eighth of the run apart at least
 
     cfg = micro_config(("train.time_budget_s", "6"), ("train.max_steps", "100000"), ("train.eval_every", "0"))
     res = pretrain(micro_tokens, micro_tokenizer, tmp_path / "m", cfg, quiet=True)
-    log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    log = read_log(tmp_path / "m")
     fits = [r for r in log if r.get("event") == "budget"]
     assert [r["step"] for r in fits] == [6, fits[0]["max_steps"] // 4, fits[1]["max_steps"] // 4 * 2]
     assert res["step"] == fits[-1]["max_steps"] < 100000
@@ -96,6 +127,23 @@ def test_time_budget_refits_and_keeps_the_schedule(micro_tokens, micro_tokenizer
     assert lrs == sorted(lrs, reverse=True)  # refitting never moved the schedule back up
     last = res["step"] - int(res["step"] * (1 - cfg.train.decay_frac))
     assert lrs[-1] == pytest.approx(1 / last)  # the final step is the decay's last
+
+
+def test_resume_of_a_compiled_run_on_a_time_budget_keeps_the_fitted_length(micro_tokens, micro_tokenizer, tmp_path):
+    """The default preset's path: compiled, on a time budget. The budget fits the length after
+    6 steps; a resume does not fit again (the time spent before is not known to it) but trains
+    to the saved length, as README says."""
+    out = tmp_path / "m"
+    # at most 400 steps: a resume that ignored the checkpoint would train (and fail) quickly
+    sets = (("train.compile", "true"), ("train.time_budget_s", "3"), ("train.max_steps", "400"),
+            ("train.eval_every", "0"), ("train.log_every", "1"))
+    pretrain(micro_tokens, micro_tokenizer, out, micro_config(*sets), quiet=True, stop_at_step=7)
+    fitted = json.loads((out / "train_state" / "state.json").read_text())["max_steps"]
+    assert fitted >= 9  # no shorter than the stable phase (9 where compiling alone outlasts the 3 s)
+    res = pretrain(micro_tokens, micro_tokenizer, out, micro_config(*sets), quiet=True, resume=True)
+    assert_resumed(out, 7, fitted)
+    assert res["step"] == fitted
+    assert [(r["step"], r["max_steps"]) for r in read_log(out) if r.get("event") == "budget"] == [(6, fitted)]
 
 
 def _cli(*args, **kw):
@@ -114,12 +162,13 @@ def _set_args(cfg_pairs):
 def test_ctrl_c_then_resume_equals_uninterrupted(micro_tokens, micro_tokenizer, tmp_path):
     from conftest import MICRO
 
-    sets = _set_args(MICRO + [("train.max_steps", "60"), ("train.eval_every", "0"), ("train.log_every", "2")])
+    sets = _set_args(MICRO + [("train.max_steps", "60"), ("train.eval_every", "0"), ("train.log_every", "1")])
     common = ["pretrain", "--data", str(micro_tokens), "--tokenizer", str(micro_tokenizer)]
     p = _cli(*common, "--out", str(tmp_path / "a"), *sets)
     log = tmp_path / "a" / "log.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None and not (log.is_file() and len(log.read_text().splitlines()) >= 2):
+    while (time.time() < deadline and p.poll() is None
+           and not (log.is_file() and len(log.read_text().splitlines()) >= 3)):
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -129,6 +178,10 @@ def test_ctrl_c_then_resume_equals_uninterrupted(micro_tokens, micro_tokenizer, 
     p = _cli(*common, "--out", str(tmp_path / "a"), "--resume", *sets)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
+    assert_resumed(tmp_path / "a", state["step"], 60)
+    first, resumed = processes(tmp_path / "a")
+    assert (first["steps"] == list(range(1, state["step"] + 1))
+            and resumed["start"]["pid"] == p.pid != first["start"]["pid"])
     p = _cli(*common, "--out", str(tmp_path / "b"), *sets)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
@@ -140,7 +193,10 @@ def test_failed_checkpoint_write_leaves_previous_loadable(micro_tokens, micro_to
     from candorlm.api import load
 
     out = tmp_path / "m"
-    pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, stop_at_step=4)
+    def cfg():
+        return micro_config(("train.log_every", "1"))
+
+    pretrain(micro_tokens, micro_tokenizer, out, cfg(), quiet=True, stop_at_step=4)
     before = weights(out)
     real = mio.save_file
 
@@ -151,20 +207,22 @@ def test_failed_checkpoint_write_leaves_previous_loadable(micro_tokens, micro_to
 
     monkeypatch.setattr(mio, "save_file", crash)
     with pytest.raises(OSError):
-        pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, resume=True, stop_at_step=8)
+        pretrain(micro_tokens, micro_tokenizer, out, cfg(), quiet=True, resume=True, stop_at_step=8)
     monkeypatch.setattr(mio, "save_file", real)
     after = weights(out)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
     load(out).generate("def ", max_new_tokens=4, temperature=0)
-    r = pretrain(micro_tokens, micro_tokenizer, out, micro_config(), quiet=True, resume=True)
+    r = pretrain(micro_tokens, micro_tokenizer, out, cfg(), quiet=True, resume=True)
     assert r["step"] == 12
+    assert_resumed(out, 4, 12)  # from the checkpoint at 4, not from the failed one's steps 5-8
+    assert [s["step"] for p in processes(out) for s in p["saves"]] == [4, 12]  # the failed write is not logged
 
 
 def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, micro_tokenizer, tmp_path):
     """SIGKILL at arbitrary moments of a run that checkpoints every step."""
-    from conftest import MICRO
     from candorlm.api import load
+    from conftest import MICRO
 
     sets = _set_args(MICRO + [("train.max_steps", "400"), ("train.save_every", "1"), ("train.eval_every", "0")])
     for i, delay in enumerate([0.3, 0.55, 0.8]):
@@ -172,8 +230,9 @@ def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, 
         p = _cli("pretrain", "--data", str(micro_tokens), "--tokenizer", str(micro_tokenizer), "--out", str(out), *sets)
         log = out / "log.jsonl"
         deadline = time.time() + 120
-        while time.time() < deadline and p.poll() is None and not log.is_file():
-            time.sleep(0.01)
+        while (time.time() < deadline and p.poll() is None
+               and not (log.is_file() and len(log.read_text().splitlines()) >= 2)):
+            time.sleep(0.01)  # the start record, then step 1's, right before its checkpoint
         time.sleep(delay)
         p.kill()
         p.communicate()
@@ -181,6 +240,24 @@ def test_killed_during_checkpointing_leaves_a_loadable_checkpoint(micro_tokens, 
         assert m.generate("x", max_new_tokens=2, temperature=0) is not None
         state = json.loads((out / "train_state" / "state.json").read_text())
         assert state["step"] >= 1
+
+
+def test_a_nan_loss_stops_the_run_before_it_is_saved(micro_tokens, micro_tokenizer, tmp_path, monkeypatch):
+    """The loss is read back only at log steps (1, 11 here) and at saves (every 4): a NaN from
+    step 6 on must stop the run at the save of step 8, leaving step 4's checkpoint."""
+    import candorlm.train.loop as loop
+
+    real = loop.train_step
+
+    def diverging(run, step):
+        loss_sum, gnorm = real(run, step)
+        return (loss_sum * math.nan if step >= 5 else loss_sum), gnorm
+
+    monkeypatch.setattr(loop, "train_step", diverging)
+    out = tmp_path / "m"
+    with pytest.raises(CandorError, match="loss became NaN at step 8"):
+        pretrain(micro_tokens, micro_tokenizer, out, micro_config(("train.save_every", "4")), quiet=True)
+    assert json.loads((out / "train_state" / "state.json").read_text())["step"] == 4
 
 
 def test_resume_without_checkpoint_is_a_clear_error(micro_tokens, micro_tokenizer, tmp_path):
@@ -255,7 +332,7 @@ def test_tokenizer_floor_matches_the_special_tokens():
 
 ALLOCATOR_PROBE = """
 import sys, torch
-from candorlm.train.hardware import configure_cpu_allocator
+from candorlm.device import configure_cpu_allocator
 
 def rss_mb():
     for line in open("/proc/self/status"):

@@ -16,7 +16,6 @@ import sys
 
 import pytest
 import torch
-from conftest import micro_config, missing
 
 from candorlm.errors import CandorError
 from candorlm.model.io import write_model_files
@@ -24,6 +23,7 @@ from candorlm.model.transformer import Transformer
 from candorlm.tokenizer import Tokenizer
 from candorlm.tune.chat import Chat
 from candorlm.tune.chat_data import read_chats
+from conftest import micro_config, missing
 
 
 def _save(model, d, tokenizer_dir):
@@ -42,7 +42,9 @@ def models(micro_tokenizer, tmp_path_factory):
         return Transformer(micro_config(("model.vocab_size", str(tok.vocab_size)), ("train.seq_len", "32"),
                                         ("model.max_seq_len", str(max_seq_len))).model)
 
-    talker = build(2048)
+    # A long window: an answer of up to ~16k tokens takes seconds, so Ctrl-C arrives during it
+    # even on a busy machine (at 2,048 tokens one finished before the interrupt landed).
+    talker = build(16384)
     with torch.no_grad():
         talker.embed.weight[:len(sp)] = 0
     tiny = build(40)
@@ -183,7 +185,7 @@ def test_terminal_ctrl_c_stops_the_answer_and_twice_at_the_prompt_leaves(models)
     child = _spawn(models["talker"], "--max-new-tokens", "100000")
     child.sendline("tell me a long story")
     child.expect_exact("story\r\n")  # the line's echo
-    child.expect(r"[\s\S]")  # the answer has begun (~2000 tokens of it fit in the window)
+    child.expect(r"[\s\S]")  # the answer has begun (~16k tokens of it fit in the window)
     child.sendintr()
     child.expect_exact("[stopped]")
     child.expect_exact(">>> ")

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from conftest import micro_config
 
 from candorlm.errors import CandorError
 from candorlm.tokenizer import Tokenizer
@@ -25,6 +24,7 @@ from candorlm.tune.chat_data import (
     read_preferences,
     split_holdout,
 )
+from conftest import micro_config
 
 CHAT = [
     {"role": "system", "content": "Be brief."},

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import micro_config
 
 from candorlm.errors import CandorError
 from candorlm.model.io import load_model
@@ -22,6 +21,7 @@ from candorlm.tune.lora import (
     save_adapter,
     save_merged,
 )
+from conftest import micro_config
 
 
 def micro_model(*extra) -> Transformer:

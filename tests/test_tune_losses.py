@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import micro_config, missing
 
 from candorlm.errors import CandorError
 from candorlm.model.transformer import Transformer
 from candorlm.tune.losses import dpo_loss, masked_cross_entropy, sequence_logprobs, sft_loss
+from conftest import micro_config, missing
 
 
 @pytest.fixture(scope="module")

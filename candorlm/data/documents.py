@@ -23,7 +23,8 @@ def document_files(documents_dir: str | Path) -> list[Path]:
     Dot-files are skipped (temporary files of an interrupted write)."""
     d = Path(documents_dir)
     if not d.is_dir():
-        raise CandorError(f"documents directory {d} does not exist (expected a directory of *.jsonl or *.jsonl.gz files)")
+        raise CandorError(f"documents directory {d} does not exist "
+                          "(expected a directory of *.jsonl or *.jsonl.gz files)")
     return sorted(
         (p for p in d.iterdir() if p.name.endswith(SUFFIXES) and not p.name.startswith(".") and p.is_file()),
         key=lambda p: p.name,

@@ -114,7 +114,8 @@ def _audit(cfg: CurateConfig, out: str, work: str, stages: list[str]) -> dict:
 
 
 def finalize(out: str, work: str, cfg_dict: dict, source: dict, fingerprint: str, tasks: int, workers: int,
-             executor: str, eval_sets: dict | None = None, timings: dict | None = None, preset: dict | None = None) -> dict:
+             executor: str, eval_sets: dict | None = None, timings: dict | None = None,
+             preset: dict | None = None) -> dict:
     from candorlm.data import filters
 
     cfg = CurateConfig(**cfg_dict)

@@ -15,7 +15,8 @@ from candorlm.errors import CandorError
 class TrainBatches:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0):
         if len(tokens) < seq_len + 2:
-            raise CandorError(f"training split has {len(tokens)} tokens; need more than seq_len+1 = {seq_len + 1} (add data or lower train.seq_len)")
+            raise CandorError(f"training split has {len(tokens)} tokens; need more than seq_len+1 = {seq_len + 1} "
+                              "(add data or lower train.seq_len)")
         self.tokens, self.seq_len, self.batch_size, self.seed, self.rank = tokens, seq_len, batch_size, seed, rank
 
     def get(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,7 +52,8 @@ def _batches(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def _encoded_batches(docs: Iterable[dict], tokenizer: Tokenizer, batch_docs: int) -> Iterator[tuple[list[dict], list[list[int]]]]:
+def _encoded_batches(docs: Iterable[dict], tokenizer: Tokenizer,
+                     batch_docs: int) -> Iterator[tuple[list[dict], list[list[int]]]]:
     """(documents, token ids) per batch; the next batch is encoded on the tokenizer's Rust
     threads (which release the GIL) while the caller writes the current one."""
     with ThreadPoolExecutor(1) as pool:
@@ -77,7 +78,7 @@ def _write_splits(documents_dir, tokenizer: Tokenizer, tmp: Path, dtype: np.dtyp
         files = {"train": f_train, "val": f_val}
         for docs, encoded in _encoded_batches(iter_documents(documents_dir), tokenizer, batch_docs):
             flat = {s: [] for s in SPLITS}
-            for doc, ids in zip(docs, encoded):
+            for doc, ids in zip(docs, encoded, strict=False):
                 h = _id_hash(seed, doc["id"])
                 if h < min_hash:
                     min_hash, min_id = h, doc["id"]
@@ -106,7 +107,8 @@ def build_shards(documents_dir: str | Path, tokenizer: Tokenizer, out_dir: str |
     if batch_docs < 1:
         raise CandorError(f"batch_docs={batch_docs} must be at least 1")
     if not document_files(documents_dir):
-        raise CandorError(f"no documents in {documents_dir}: expected *.jsonl or *.jsonl.gz files from the curation stage")
+        raise CandorError(f"no documents in {documents_dir}: "
+                          "expected *.jsonl or *.jsonl.gz files from the curation stage")
     fingerprint = documents_fingerprint(documents_dir)
     dtype = shard_dtype(tokenizer.vocab_size)
     with atomic_dir(out_dir) as tmp:
@@ -141,7 +143,8 @@ def load_meta(tokens_dir: str | Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
         _ = np.dtype(meta["dtype"]), int(meta["vocab_size"]), int(meta["train"]["tokens"]), int(meta["val"]["tokens"])
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CandorError(f"{path} is not a token shards' meta.json ({type(e).__name__}: {e}); rebuild the token shards") from None
+        raise CandorError(f"{path} is not a token shards' meta.json ({type(e).__name__}: {e}); "
+                          "rebuild the token shards") from None
     return meta
 
 
@@ -150,8 +153,8 @@ def check_tokenizer(meta: dict, tokenizer, tokens_dir: str | Path, tokenizer_pat
     made_with = meta.get("tokenizer_sha256")
     if made_with and made_with != tokenizer.sha256:
         raise CandorError(f"the token shards in {tokens_dir} were made with another tokenizer than {tokenizer_path} "
-                          f"(sha256 {made_with[:12]} vs {tokenizer.sha256[:12]}): pass the tokenizer they were made with, "
-                          "or rebuild them with `candor tokenize`")
+                          f"(sha256 {made_with[:12]} vs {tokenizer.sha256[:12]}): "
+                          "pass the tokenizer they were made with, or rebuild them with `candor tokenize`")
 
 
 def open_split(tokens_dir: str | Path, split: str) -> np.ndarray:
@@ -166,7 +169,8 @@ def open_split(tokens_dir: str | Path, split: str) -> np.ndarray:
         raise CandorError(f"token shard {path} is missing: rebuild the token shards")
     expected = meta[split]["tokens"] * dtype.itemsize
     if path.stat().st_size != expected:
-        raise CandorError(f"token shard {path} has {path.stat().st_size} bytes, meta.json says {expected}: rebuild the token shards")
+        raise CandorError(f"token shard {path} has {path.stat().st_size} bytes, meta.json says {expected}: "
+                          "rebuild the token shards")
     if expected == 0:
         return np.empty(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")

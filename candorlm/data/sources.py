@@ -140,7 +140,7 @@ def _jsonl_units(path: str, rel: str, chunk: int) -> list[dict]:
             pos += len(block)
     ends = [c[0] for c in cuts[1:]] + [st.st_size]
     return [{"kind": "jsonl", "path": path, "rel": rel, "start": s, "end": e, "line0": ln, "size": e - s,
-             "mtime": st.st_mtime_ns} for (s, ln), e in zip(cuts, ends) if e > s or s == 0]
+             "mtime": st.st_mtime_ns} for (s, ln), e in zip(cuts, ends, strict=False) if e > s or s == 0]
 
 
 def _parquet_units(path: str, rel: str, chunk: int) -> list[dict]:

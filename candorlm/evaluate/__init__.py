@@ -1,1 +1,1 @@
-"""candorlm.evaluate"""
+"""candorlm.evaluate: the evaluation stage (bits per byte, bpb.py)."""

@@ -7,6 +7,7 @@ knows which `--set model.X=...` to train with instead.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from candorlm.config import ModelConfig
@@ -35,6 +36,15 @@ def refuse_inexpressible(cfg: ModelConfig, fmt: str) -> None:
     for ok, what in checks:
         if not ok:
             raise CandorError(f"cannot export to {name}: {what}")
+
+
+def refuse_quantized(model_dir: str | Path) -> None:
+    """A directory from `candor quantize` holds int8/int4 tensors neither writer converts."""
+    p = Path(model_dir) / "config.json"
+    q = json.loads(p.read_text()).get("quantization") if p.is_file() else None
+    if q is not None:
+        raise CandorError(f"{model_dir} is quantized ({q.get('method')}): export the float model directory it was "
+                          f"made from ({q.get('source', '?')}); GGUF has its own --type q8_0")
 
 
 def check_out_path(out: str | Path, src: str | Path, kind: str) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from candorlm.errors import CandorError
-from candorlm.export.check import check_out_path, refuse_inexpressible
+from candorlm.export.check import check_out_path, refuse_inexpressible, refuse_quantized
 from candorlm.model.io import load_model, read_model_config
 from candorlm.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, Tokenizer
 
@@ -99,6 +99,7 @@ def export_gguf(model_dir: str | Path, out_file: str | Path, kind: str = "f32") 
     if kind not in TYPES:
         raise CandorError(f"--type {kind!r} is not a GGUF weight type here: use one of {', '.join(TYPES)}")
     cfg = read_model_config(model_dir)
+    refuse_quantized(model_dir)
     refuse_inexpressible(cfg, "gguf")
     out = check_out_path(out_file, model_dir, "file")
     model = load_model(model_dir)

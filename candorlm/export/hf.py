@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from candorlm.config import ModelConfig
 from candorlm.errors import CandorError
-from candorlm.export.check import check_out_path, refuse_inexpressible
+from candorlm.export.check import check_out_path, refuse_inexpressible, refuse_quantized
 from candorlm.fileio import atomic_dir, atomic_write_json
 from candorlm.model.io import load_model, read_model_config, write_model_files
 from candorlm.model.transformer import Transformer
@@ -134,6 +134,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, dtype: str = "f32") ->
     if dtype not in DTYPES:
         raise CandorError(f"--type {dtype!r} is not a Hugging Face weight type: use one of {', '.join(DTYPES)}")
     cfg = read_model_config(model_dir)
+    refuse_quantized(model_dir)
     refuse_inexpressible(cfg, "hf")
     out = check_out_path(out_dir, model_dir, "dir")
     model = load_model(model_dir)

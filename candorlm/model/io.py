@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from candorlm.config import GenerationConfig, ModelConfig, model_config_from_dict
 from candorlm.errors import CandorError
-from candorlm.fileio import atomic_write_json
+from candorlm.fileio import atomic_write_json, recover
 from candorlm.model.transformer import Transformer
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -51,49 +50,11 @@ def write_model_files(d: Path, model: Transformer, tokenizer_dir: str | Path | N
     atomic_write_json(d / "generation_config.json", dataclasses.asdict(gen))
 
 
-# Two-phase commit of a set of files into a directory. A checkpoint is several files that
-# must change together (weights, optimizer, step); each is first written into D/.staging,
-# which one rename turns into D/.commit: from then on the new version is decided, and moving
-# its entries into place is redone by `recover` if the process dies half-way.
-
-def staging_dir(d: str | Path) -> Path:
-    d = Path(d)
-    st = d / ".staging"
-    if st.exists():
-        shutil.rmtree(st)
-    st.mkdir(parents=True)
-    return st
-
-
-def commit_staged(d: str | Path) -> None:
-    d = Path(d)
-    os.replace(d / ".staging", d / ".commit")
-    _apply_commit(d)
-
-
-def _apply_commit(d: Path) -> None:
-    c = d / ".commit"
-    for entry in sorted(c.iterdir()):
-        target = d / entry.name
-        if entry.is_dir() and target.exists():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    c.rmdir()
-
-
-def recover(d: str | Path) -> None:
-    """Finish a commit that a killed process left decided, or drop one left undecided."""
-    d = Path(d)
-    if (d / ".commit").is_dir():
-        _apply_commit(d)
-    if (d / ".staging").exists():
-        shutil.rmtree(d / ".staging", ignore_errors=True)
-
-
 def read_model_config(model_dir: str | Path) -> ModelConfig:
     p = Path(model_dir) / "config.json"
     if not p.is_file():
-        raise CandorError(f"{model_dir} is not a model directory (no config.json); pass a directory written by `candor pretrain`")
+        raise CandorError(f"{model_dir} is not a model directory (no config.json); "
+                          "pass a directory written by `candor pretrain`")
     try:
         data = json.loads(p.read_text())
         return model_config_from_dict(data["model"])
@@ -136,8 +97,13 @@ def load_model(model_dir: str | Path, device: str = "cpu") -> Transformer:
     wpath = Path(model_dir) / "model.safetensors"
     if not wpath.is_file():
         raise CandorError(f"{model_dir} has no model.safetensors")
+    quantization = json.loads((Path(model_dir) / "config.json").read_text()).get("quantization")
+    if quantization is not None:  # int8/int4 weights: their modules are rebuilt from outside the Transformer
+        from candorlm.model.quantized import load_quantized
+
+        return load_quantized(model_dir, cfg, quantization, device)
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = Transformer(cfg, device=device)
     model = model.to_empty(device=device)
     model._init_buffers(device)
     try:

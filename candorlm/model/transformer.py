@@ -3,8 +3,10 @@
 Default layout is Qwen3's (pre-norm RMSNorm, RoPE, GQA, SwiGLU, per-head QK-norm), so a
 default model exports to `transformers` and llama.cpp; config options give the variants the
 literature compares (ALiBi/learned/sinusoidal/no positions, sliding windows, ReLU²/GELU,
-LayerNorm, logit soft-capping). Parallelism is applied from outside (model/parallel.py), so
-parameter names here are stable: exports and distributed checkpoints depend on them.
+LayerNorm, logit soft-capping). The device-specific fast paths (model/kernels/) are chosen
+once, for the device the model is built for (`use_device`). Parallelism is applied from
+outside (distributed/parallelize.py), so parameter names here are stable: exports and
+distributed checkpoints depend on them.
 """
 
 from __future__ import annotations
@@ -14,49 +16,22 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from candorlm.config import ModelConfig
-from candorlm.model.loss import fused_head_loss
-from candorlm.model.attention import Attention, KVCache, RMSNorm, build_mask, is_plain_tensor, sliding_block_mask, use_flex
+from candorlm.model.attention import Attention, KVCache, RMSNorm, plan_attention, resolve_backend
+from candorlm.model.kernels.embedding import embedding
+from candorlm.model.kernels.head_loss import fused_head_loss
 from candorlm.model.positions import alibi_slopes, rope_tables, sinusoidal_table
 
 
-@torch.library.custom_op("candorlm::embedding_grad", mutates_args=())
-def _embedding_grad(grad: torch.Tensor, idx: torch.Tensor, num: int) -> torch.Tensor:
-    d = grad.shape[-1]
-    return grad.new_zeros(num, d).index_add_(0, idx.reshape(-1), grad.reshape(-1, d))
-
-
-@_embedding_grad.register_fake
-def _(grad, idx, num):
-    return grad.new_empty(num, grad.shape[-1])
-
-
-class _EmbeddingLookup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, idx, weight):
-        ctx.save_for_backward(idx)
-        ctx.num = weight.shape[0]
-        return F.embedding(idx, weight)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        (idx,) = ctx.saved_tensors
-        return None, _embedding_grad(grad, idx, ctx.num)
-
-
 class Embedding(nn.Embedding):
-    """nn.Embedding whose weight gradient on CPU is one `index_add_`, kept opaque to
-    torch.compile: inductor's decomposition of the embedding backward (an accumulating
-    index_put with atomic adds) took 5.9 ms for a cpu-tiny batch, against 0.4 ms."""
+    """nn.Embedding; on CPU its weight gradient is one index_add_ (kernels/embedding.py),
+    chosen by Transformer.use_device."""
+
+    index_add_backward = False
 
     def forward(self, idx):
-        plain = self.padding_idx is None and self.max_norm is None and not (self.scale_grad_by_freq or self.sparse)
-        if plain and self.weight.device.type == "cpu" and is_plain_tensor(self.weight):
-            return _EmbeddingLookup.apply(idx, self.weight)
-        return super().forward(idx)
+        return embedding(idx, self.weight) if self.index_add_backward else super().forward(idx)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -92,13 +67,17 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg, cfg.d_model)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache=None, start=0):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, start)
+    def forward(self, x, rope, attend, mask, cache=None, start=0):
+        x = x + self.attn(self.attn_norm(x), rope, attend, mask, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """cfg: the architecture. device: where the model will run (default: the current default
+    device); it picks the attention backend and the embedding backward (`use_device`). The
+    parameters are made on the default device as usual: move them with `.to(device)`."""
+
+    def __init__(self, cfg: ModelConfig, device: str | torch.device | None = None):
         super().__init__()
         cfg = cfg.resolved()
         self.cfg = cfg
@@ -113,6 +92,15 @@ class Transformer(nn.Module):
         self.windows = cfg.layer_windows()
         self._init_buffers()
         self.reset_parameters()
+        self.use_device(torch.get_default_device() if device is None else device)
+
+    def use_device(self, device: str | torch.device) -> None:
+        """Choose the fast paths for `device`: model.attention_backend ("auto": the batched-matmul
+        kernel on CPU, FlexAttention's sliding windows on CUDA) and, on CPU, the index_add_
+        embedding backward. Call again after moving the model to another kind of device."""
+        device = torch.device(device)
+        self.attention_backend = resolve_backend(self.cfg.attention_backend, device)
+        self.embed.index_add_backward = device.type == "cpu"
 
     def _init_buffers(self, device=None):
         cfg = self.cfg
@@ -125,7 +113,8 @@ class Transformer(nn.Module):
         if cfg.pos_encoding == "alibi":
             self.register_buffer("alibi", alibi_slopes(cfg.n_heads).to(device), persistent=False)
         if cfg.pos_encoding == "sinusoidal":
-            self.register_buffer("sin_table", sinusoidal_table(cfg.max_seq_len, cfg.d_model).to(device), persistent=False)
+            table = sinusoidal_table(cfg.max_seq_len, cfg.d_model)
+            self.register_buffer("sin_table", table.to(device), persistent=False)
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -134,7 +123,8 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() == 2:
-                s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
+                s = std / math.sqrt(2 * self.cfg.n_layers) if residual_out else std
                 nn.init.normal_(p, mean=0.0, std=s)
             elif name.endswith("weight"):
                 nn.init.ones_(p)
@@ -154,10 +144,12 @@ class Transformer(nn.Module):
         scores and values, 12 * layers * heads * head_dim * context (Kaplan et al. 2020;
         the estimate nanoGPT and PaLM use for MFU). Sliding-window layers see `window` keys."""
         cfg = self.cfg
-        matmul_params = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith(("embed", "pos_embed")))
+        matmul_params = sum(p.numel() for n, p in self.named_parameters()
+                            if p.dim() == 2 and not n.startswith(("embed", "pos_embed")))
         if cfg.tie_embeddings:
             matmul_params += self.embed.weight.numel()
-        attn = sum(12 * cfg.n_heads * cfg.head_dim * (min(w, seq_len) if w else seq_len) / (1 if w else 2) for w in self.windows)
+        attn = sum(12 * cfg.n_heads * cfg.head_dim * (min(w, seq_len) if w else seq_len) / (1 if w else 2)
+                   for w in self.windows)
         # Causal full attention does half the work of a square score matrix on average.
         return 6 * matmul_params + attn
 
@@ -179,17 +171,17 @@ class Transformer(nn.Module):
         rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T]) if cfg.pos_encoding == "rope" else None
         slopes = self.alibi if cfg.pos_encoding == "alibi" else None
         dtype = torch.get_autocast_dtype(idx.device.type) if torch.is_autocast_enabled(idx.device.type) else x.dtype
-        masks = {w: (sliding_block_mask(T, w, str(idx.device)) if use_flex(idx.device, w, slopes, start)
-                     else build_mask(T, start, w, slopes, idx.device, dtype)) for w in set(self.windows)}
-        for layer, block in enumerate(self.layers):
-            x = block(x, rope, masks[self.windows[layer]], cache, start)
+        attention = {w: plan_attention(self.attention_backend, B, cfg.n_heads, T, start, w, slopes, idx.device, dtype)
+                     for w in set(self.windows)}
+        for block, window in zip(self.layers, self.windows, strict=False):
+            x = block(x, rope, *attention[window], cache, start)
         if cache is not None:
             cache.length = start + T
         x = self.norm(x)
         if targets is None:
             return self._logits(x).float()
-        loss = fused_head_loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                               self.cfg.logit_softcap, reduction)
+        loss = fused_head_loss(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1), cfg.logit_softcap,
+                               reduction)
         return loss.view(B, T) if reduction == "none" else loss
 
     def _logits(self, x):

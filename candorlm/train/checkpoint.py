@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from candorlm.errors import CandorError
-from candorlm.fileio import atomic_write_json
-from candorlm.model.io import commit_staged, recover, staging_dir, write_model_files
+from candorlm.fileio import atomic_write_json, commit_staged, recover, staging_dir
+from candorlm.model.io import write_model_files
 
 
 def save_checkpoint(out_dir: str | Path, model, tokenizer_dir, optimizers, state: dict, run_config: dict,
@@ -49,7 +49,8 @@ def load_train_state(out_dir: str | Path) -> tuple[dict, dict]:
     """Returns (state.json contents, torch payload with optimizer states and RNG)."""
     out_dir = Path(out_dir)
     if not has_checkpoint(out_dir):
-        raise CandorError(f"--resume: {out_dir} holds no checkpoint (no train_state/state.json); run without --resume to start fresh")
+        raise CandorError(f"--resume: {out_dir} holds no checkpoint (no train_state/state.json); "
+                          "run without --resume to start fresh")
     state = json.loads((out_dir / "train_state" / "state.json").read_text())
     payload = torch.load(out_dir / "train_state" / "optimizer.pt", map_location="cpu", weights_only=True)
     opt = payload["optimizers"]
@@ -67,11 +68,14 @@ def load_run_config(out_dir: str | Path) -> dict:
 # Settings a resumed run cannot change: the weights' shapes and meaning, and the optimizer
 # whose state is restored. Everything else may change, at the price of exactness (the
 # parallel layout too: checkpoints reshard, see dist_checkpoint.py), and so may a longer
-# context where positions have no weights (training on at a longer train.seq_len).
+# context where positions have no weights (training on at a longer train.seq_len) and how
+# attention is computed (model.attention_backend, absent from older checkpoints).
 RESUME_FIXED = ("model.", "train.optimizer")
 
 
-def _longer_context(key: str, old, new, now: dict) -> bool:
+def _may_change(key: str, old, new, now: dict) -> bool:
+    if key == "model.attention_backend":
+        return True
     return key == "model.max_seq_len" and new >= old and now["model"]["pos_encoding"] != "learned"
 
 
@@ -80,7 +84,7 @@ def resume_changes(saved: dict, now: dict) -> dict[str, tuple]:
     that differ; raises for those in RESUME_FIXED."""
     diffs = {f"{sec}.{k}": (saved[sec].get(k), v) for sec in ("model", "train") if sec in saved
              for k, v in now[sec].items() if saved[sec].get(k) != v}
-    fixed = [k for k in diffs if k.startswith(RESUME_FIXED) and not _longer_context(k, *diffs[k], now)]
+    fixed = [k for k in diffs if k.startswith(RESUME_FIXED) and not _may_change(k, *diffs[k], now)]
     if fixed:
         listed = ", ".join(f"{k}={diffs[k][1]!r} (checkpoint: {diffs[k][0]!r})" for k in fixed[:4])
         raise CandorError(f"--resume: {listed}: a resumed run keeps its checkpoint's model and optimizer; "

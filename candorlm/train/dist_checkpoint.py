@@ -14,10 +14,13 @@ from pathlib import Path
 
 import torch
 
+from candorlm.distributed.runtime import DistInfo, barrier, is_sharded
 from candorlm.errors import CandorError
+from candorlm.fileio import staging_dir
 from candorlm.model.io import weights_state_dict
-from candorlm.model.parallel import DCP_DIR, DistInfo, _is_sharded, barrier
 from candorlm.train.optim import remember_base_lrs
+
+DCP_DIR = "dcp"  # train_state/dcp/: DCP shards of {"model", "optim"}, keyed by parameter name
 
 # --- checkpoints ----------------------------------------------------------------------------
 # Single process and DDP keep the plain format (train/checkpoint.py): every rank holds whole
@@ -30,7 +33,7 @@ def consolidated_states(model, dist: DistInfo):
     """(full fp32 weights for model.safetensors, optimizer-states entry for optimizer.pt):
     (None, None) where the plain format applies; for sharded runs, weights gathered to rank 0
     (a collective: every rank calls it) and a pointer to the DCP shards."""
-    if not _is_sharded(model):
+    if not is_sharded(model):
         return None, None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -44,12 +47,10 @@ def stage_sharded_states(out_dir, model, optimizers, dist: DistInfo) -> bool:
     """Sharded runs: rank 0 opens out_dir/.staging, then every rank writes its shards of the
     model and optimizer states into .staging/train_state/dcp; the caller's rank 0 then adds
     the model directory files and commits. Returns whether it staged (False: plain format)."""
-    if not _is_sharded(model):
+    if not is_sharded(model):
         return False
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    from candorlm.model.io import staging_dir
 
     path = Path(out_dir) / ".staging" / "train_state" / DCP_DIR
     if dist.rank == 0:
@@ -67,11 +68,29 @@ def load_optimizer_states(optimizers, states, model) -> None:
     positional full states load as they are, or are sharded for FSDP/TP (1 -> N ranks)."""
     if isinstance(states, dict) and states.get("format") == "dcp":
         _load_dcp(states["path"], model, optimizers)
-    elif _is_sharded(model):
+    elif is_sharded(model):
         _load_full_optimizer_states(states, model, optimizers)
     else:
-        for opt, st in zip(optimizers, states):
+        for opt, st in zip(optimizers, states, strict=False):
             opt.load_state_dict(st)
+
+
+def optimizer_state_norm(optimizers) -> float:
+    """The root sum of squares of every optimizer state tensor (moments, momentum buffers; not
+    step counters) over the whole model, whatever its sharding: the fingerprint the training
+    log records at each save and after a resume loads, so the log shows what was carried on.
+    A collective under FSDP/TP: every rank calls it."""
+    sq = 0.0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for _, v in sorted(opt.state.get(p, {}).items()):
+                    if torch.is_tensor(v) and v.dim() > 0 and v.is_floating_point():
+                        n = torch.linalg.vector_norm(v, dtype=torch.float64)
+                        if hasattr(n, "full_tensor"):  # a DTensor: its shards' norms combined
+                            n = n.full_tensor()
+                        sq += float(n) ** 2
+    return sq ** 0.5
 
 
 def _load_dcp(path, model, optimizers) -> None:
@@ -96,20 +115,17 @@ def _load_full_optimizer_states(states: list[dict], model, optimizers) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     remember_base_lrs(optimizers)  # see _load_dcp
-    names = {id(p): _clean_name(n) for n, p in model.named_parameters()}
+    # Activation checkpointing's wrapper is in the parameter names (not in state dicts).
+    names = {id(p): n.replace("_checkpoint_wrapped_module.", "") for n, p in model.named_parameters()}
     osd = {"state": {}, "param_groups": []}
-    for opt, st in zip(optimizers, states):
-        for group, saved in zip(opt.param_groups, st["param_groups"]):
+    for opt, st in zip(optimizers, states, strict=False):
+        for group, saved in zip(opt.param_groups, st["param_groups"], strict=False):
             fqns = [names[id(p)] for p in group["params"]]
-            for fqn, idx in zip(fqns, saved["params"]):
+            for fqn, idx in zip(fqns, saved["params"], strict=False):
                 if idx in st["state"]:
                     osd["state"][fqn] = st["state"][idx]
             osd["param_groups"].append({**saved, "params": fqns})
     set_optimizer_state_dict(model, optimizers, osd, options=StateDictOptions(full_state_dict=True))
-
-
-def _clean_name(n: str) -> str:
-    return n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
 # DCP writes its index (.metadata) with pickle and reads it, and non-tensor values, with
@@ -117,7 +133,8 @@ def _clean_name(n: str) -> str:
 # below admit only the classes DCP's index is made of and plain values (torch.load weights_only).
 _META = "torch.distributed.checkpoint.metadata"
 _SAFE_GLOBALS = {(_META, n) for n in ("Metadata", "TensorStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING",
-                                      "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex", "StorageMeta")} | {
+                                      "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                      "StorageMeta")} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset")} | {

@@ -17,7 +17,9 @@ never shifts the context mid-answer.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -163,6 +165,11 @@ def run_chat(model_dir: str | Path, system: str | None = None, max_new_tokens: i
     from candorlm.api import load
 
     out = out or sys.stdout
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C stops an answer even when the shell that started us ignored SIGINT (a
+        # background job of a non-interactive shell inherits SIG_IGN, and Python then never
+        # raises KeyboardInterrupt).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if input_fn is input and sys.stdin.isatty():
         try:
             import readline  # noqa: F401  line editing and history for input()

@@ -1,6 +1,6 @@
-"""Synthetic corpora for the curation tests and benches: prose that passes the Gopher, C4 and
-FineWeb filters, Python code that passes the code filter, and near copies at a chosen edit rate.
-Not used by curation itself."""
+"""Synthetic corpora for the curation tests: prose that passes the Gopher, C4 and FineWeb
+filters, Python code that passes the code filter, and near copies at a chosen edit rate.
+Test data only: the package never imports it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Output head + cross-entropy fused and computed in row chunks, never materialising the
-full (tokens x vocab) logits.
+"""Output head + cross-entropy computed in row chunks, never materialising the full
+(tokens x vocab) logits.
 
 Why by hand: with 8k tokens and an 8k vocabulary the plain path allocates ~270 MB of fp32
 logits, their log-softmax and its gradient, and makes several memory-bound passes over them.
@@ -7,11 +7,22 @@ Here each chunk of rows goes through one fused log-softmax while it is hot in ca
 (Liger-Kernel's fused linear cross-entropy):
 
 - a summed or mean loss (training) gets its gradients in the forward pass, chunk by chunk,
-  since its gradient is one scalar known to scale them all (`_FusedHeadCESum`);
-- per-token losses (`reduction="none"`, whose weights backward brings) recompute each
-  chunk's log-softmax in backward (`_FusedHeadCE`).
+  since its gradient is one scalar known to scale them all (`_FusedHeadCESum`): three head
+  matmuls a step instead of four; forward + backward 160 ms compiled at cpu-tiny's head
+  (8k rows, 8k vocab) against 165 ms for logits + F.cross_entropy (2 Zen4 cores);
+- per-token losses without gradients (evaluation) are the plain computation chunk by chunk
+  (`per_token_losses`), which keeps one chunk's logits instead of all of them;
+- per-token losses with gradients (no caller today) take the plain path.
 
-`naive_head_loss` is the obviously-correct path both are tested against.
+Measured at cpu-tiny's head (8,192 tokens, d 256, vocab 8,192; `bench/head_loss.py`, eager, 2
+Zen4 cores with AVX512-BF16 under a load of ~7.6, so absolute times are ~4x a quiet machine's;
+bf16 / fp32): per-token losses in 2048-row chunks 415 / 711 ms and +321 / +329 MB against
+383 / 616 ms and +627 / +519 MB for the plain path; 256-row chunks 699 / 1,267 ms at
++45 / +65 MB. A third path, per-token losses whose backward recomputed each chunk's logits,
+took 2-4x the plain path's time for 1/15 of its memory with gradients and had no caller:
+removed (it is in the history if a per-sequence objective such as DPO needs it at scale).
+
+`naive_head_loss` is the obviously-correct path these are tested against.
 """
 
 from __future__ import annotations
@@ -20,14 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-# 256 rows x 8k vocab x fp32 = 8 MB blocks for the recomputing path.
-CHUNK_ROWS = 256
+# Per-token losses: chunks of ~16M logits (2048 rows at an 8k vocabulary, 64 MB in fp32), see
+# the figures above; 256-row chunks (the earlier choice) took 1.8x the plain path's time.
+CHUNK_LOGITS = 1 << 24
 # The summed loss (training) computes its gradients in the forward pass; bigger chunks mean
 # fewer grad_w accumulations. Measured on a cpu-tiny head (8k rows, 8k vocab), forward +
 # backward: 163 ms compiled at 1024 rows and 160 ms at 256, against 165 ms for the unfused
-# logits + F.cross_entropy and 180 ms for the recomputing path above. Eager, the chunk's
-# float32 log-softmax, exp_ and cast measured 7.0 ms per 1024 rows; an exp writing bf16
-# directly 8.7 ms, a bf16 softmax plus a separate float32 logsumexp 10.5 ms.
+# logits + F.cross_entropy and 180 ms for a path recomputing the logits in backward. Eager,
+# the chunk's float32 log-softmax, exp_ and cast measured 7.0 ms per 1024 rows; an exp writing
+# bf16 directly 8.7 ms, a bf16 softmax plus a separate float32 logsumexp 10.5 ms.
 SUM_CHUNK_ROWS = 1024
 
 
@@ -40,13 +52,11 @@ def _chunk_log_probs(x, w, softcap):
     return torch.log_softmax(z, dim=-1, dtype=torch.float32), None
 
 
-def _logit_grad(logp, targets, tanh, dtype, row_scale=None):
-    """d loss_i / d z_ij = p_ij - [j == t_i] (times row_scale_i), through the soft cap times
-    1 - tanh^2, formed in place over logp and cast to the matmul dtype. targets: (rows, 1)."""
+def _logit_grad(logp, targets, tanh, dtype):
+    """d loss_i / d z_ij = p_ij - [j == t_i], through the soft cap times 1 - tanh^2, formed
+    in place over logp and cast to the matmul dtype. targets: (rows, 1)."""
     p = logp.exp_()
     p.scatter_add_(1, targets, torch.full((p.shape[0], 1), -1.0, device=p.device))
-    if row_scale is not None:
-        p.mul_(row_scale)
     if tanh is not None:
         p.mul_(1 - tanh.square())
     return p.to(dtype)
@@ -75,41 +85,6 @@ def _chunk_loss_grad_fused(x, w, targets, valid, softcap, dtype):
     if tanh is not None:
         p = p * (1 - tanh.square())
     return loss, p.to(dtype)
-
-
-class _FusedHeadCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, targets, softcap):
-        n = x.shape[0]
-        losses = torch.empty(n, dtype=torch.float32, device=x.device)
-        valid = targets >= 0
-        safe_t = targets.clamp(min=0)
-        for s in range(0, n, CHUNK_ROWS):
-            e = min(s + CHUNK_ROWS, n)
-            logp, _ = _chunk_log_probs(x[s:e], w, softcap)
-            losses[s:e] = -logp.gather(1, safe_t[s:e, None]).squeeze(1)
-        losses = losses.masked_fill(~valid, 0.0)
-        ctx.save_for_backward(x, w, safe_t, valid)
-        ctx.softcap = softcap
-        return losses
-
-    @staticmethod
-    def backward(ctx, grad_losses):
-        x, w, t, valid = ctx.saved_tensors
-        softcap = ctx.softcap
-        g = (grad_losses * valid).to(torch.float32)
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
-        n = x.shape[0]
-        for s in range(0, n, CHUNK_ROWS):
-            e = min(s + CHUNK_ROWS, n)
-            logp, tanh = _chunk_log_probs(x[s:e], w, softcap)
-            p = _logit_grad(logp, t[s:e, None], tanh, x.dtype, row_scale=g[s:e, None])
-            if gx is not None:
-                gx[s:e] = p @ w
-            if gw is not None:
-                gw.add_((p.t() @ x[s:e]).float())
-        return gx, (gw.to(w.dtype) if gw is not None else None), None, None
 
 
 class _FusedHeadCESum(torch.autograd.Function):
@@ -166,19 +141,37 @@ class _FusedHeadCESum(torch.autograd.Function):
         return gx, gw, None, None, None, None
 
 
+def per_token_losses(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     softcap: float = 0.0) -> torch.Tensor:
+    """Each row's cross-entropy (0 where targets < 0), chunk by chunk, without gradients."""
+    n = x.shape[0]
+    rows = max(1, CHUNK_LOGITS // weight.shape[0])
+    losses = torch.empty(n, dtype=torch.float32, device=x.device)
+    valid = targets >= 0
+    safe_t = targets.clamp(min=0)[:, None]
+    with torch.no_grad():
+        for s in range(0, n, rows):
+            e = min(s + rows, n)
+            logp, _ = _chunk_log_probs(x[s:e], weight, softcap)
+            losses[s:e] = -logp.gather(1, safe_t[s:e]).squeeze(1)
+    return losses.masked_fill_(~valid, 0.0)
+
+
 def fused_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = 0.0,
-                    reduction: str = "mean") -> torch.Tensor:
+              reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy of logits `x @ weight.T` (optionally soft-capped) against targets
-    (ignored where < 0). x: (N, d); weight: (V, d); targets: (N,)."""
+    (ignored where < 0). x: (N, d); weight: (V, d); targets: (N,). reduction: mean | sum | none."""
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
     else:
         weight = weight.to(x.dtype)
+    grad = torch.is_grad_enabled()
     with torch.autocast(x.device.type, enabled=False):
         if reduction == "none":
-            return _FusedHeadCE.apply(x, weight, targets, float(softcap))
-        grad = torch.is_grad_enabled()
+            if grad and (x.requires_grad or weight.requires_grad):
+                return naive_head_loss(x, weight, targets, softcap, "none")
+            return per_token_losses(x, weight, targets, softcap)
         total = _FusedHeadCESum.apply(x, weight, targets, float(softcap), grad and x.requires_grad,
                                       grad and weight.requires_grad)
     if reduction == "sum":
@@ -187,7 +180,15 @@ def fused_head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 
 def naive_head_loss(x, weight, targets, softcap: float = 0.0, reduction: str = "mean"):
+    """The plain computation: all logits in float32, then F.cross_entropy; targets < 0 are
+    ignored (0 loss, left out of the mean), as in the fused paths (-1 from the shards, -100 from
+    the chat loss masks)."""
     z = (x @ weight.t()).float()
     if softcap:
         z = softcap * torch.tanh(z / softcap)
-    return F.cross_entropy(z, targets, ignore_index=-1, reduction=reduction)
+    valid = targets >= 0
+    losses = F.cross_entropy(z, targets.clamp(min=0), reduction="none") * valid
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    return total if reduction == "sum" else total / valid.sum().clamp(min=1)

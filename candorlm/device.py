@@ -1,4 +1,10 @@
-"""What the machine can do: its bf16 support and its measured matmul rate (the MFU denominator)."""
+"""What the machine runs natively, decided once and read by every stage: whether bf16 is native
+(and so the training precision), the measured matmul rate (the MFU denominator), the glibc
+allocator setting.
+
+It does not decide anything about a model or a run beyond that: training, evaluation and
+distributed set-up ask it, and `train.dtype` can still force either precision.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,16 @@ from pathlib import Path
 
 import torch
 
+from candorlm.errors import CandorError
+
+# 0: treat bf16 as absent (the fp32 path, testable and measurable on any machine); 1: as present.
+NATIVE_BF16_ENV = "CANDOR_NATIVE_BF16"
+
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """AVX512-BF16 or AMX: there, bf16 matmuls run ~2.3x fp32 (FIELD_NOTES, 2 Zen4 cores)."""
+    """AVX512-BF16 or AMX: there, bf16 matmuls run ~2.3x fp32 (FIELD_NOTES, 2 Zen4 cores);
+    without them bf16 is emulated, ~2 GFLOP/s against ~150 in fp32 (Zen3)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -20,23 +32,45 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(device: str, choice: str) -> torch.dtype | None:
-    """None means fp32. `auto` is bf16 on CUDA and on CPUs with native bf16."""
+@functools.cache
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively on this device type: CANDOR_NATIVE_BF16 if set, else
+    detected (CPU flags; CUDA's bf16 support). Cached: read once per process."""
+    forced = os.environ.get(NATIVE_BF16_ENV)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise CandorError(f"{NATIVE_BF16_ENV}={forced!r} must be 0 (treat bf16 as absent) or 1 (as present); "
+                              "unset it to detect")
+        return forced == "1"
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and cpu_has_bf16()
+
+
+def autocast_dtype(device: str | torch.device, choice: str = "auto") -> torch.dtype | None:
+    """The training precision: torch.bfloat16 (autocast) or None for fp32. `auto` is bf16
+    where the device runs it natively, else fp32; "bf16" and "fp32" force either (train.dtype)."""
     if choice == "fp32":
         return None
     if choice == "bf16":
         return torch.bfloat16
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_bf16() else None
+    return torch.bfloat16 if native_bf16(torch.device(device).type) else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
 
 
 @functools.cache
-def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = torch.bfloat16, n: int = 2048, seconds: float = 0.4) -> float:
-    """Measured dense matmul rate (FLOP/s) at size n: the machine's practical peak."""
+def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = None, n: int = 2048, seconds: float = 0.4) -> float:
+    """Measured dense matmul rate (FLOP/s) at size n in `dtype` (None: fp32), the machine's
+    practical peak in the precision a run actually uses."""
     dt = dtype or torch.float32
-    a = torch.randn(n, n, device=device, dtype=dt)
-    b = torch.randn(n, n, device=device, dtype=dt)
+    # Its own generator: drawing from the global one would change the RNG state a checkpoint
+    # saves, depending on whether this process had measured before (it is cached).
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dt, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dt, generator=g)
     for _ in range(2):
         a @ b
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -73,7 +107,8 @@ def configure_cpu_allocator() -> bool:
     global _ALLOCATOR_DONE
     if _ALLOCATOR_DONE:
         return True
-    if os.environ.get("LD_PRELOAD") or any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")):
+    chosen = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+    if os.environ.get("LD_PRELOAD") or any(k in os.environ for k in chosen):
         return False
     try:
         import ctypes
