@@ -123,6 +123,58 @@ def _vocab_size(tokenizer_file: str) -> int:
     return Tokenizer.load(os.path.dirname(tokenizer_file)).vocab_size
 
 
+def _tune_config(args, section: str):
+    """The run config of `candor sft` / `candor dpo`: --set for that section only, and the
+    --lora-* flags as its lora_* fields."""
+    from candorlm.config import build_config, parse_set_args
+
+    sets = parse_set_args(args.set)
+    other = [k for k, _ in sets if not k.startswith(f"{section}.")]
+    if other:
+        raise CandorError(f"candor {section} takes {section} settings (--set {section}.FIELD=VALUE), not "
+                          f"{', '.join(other)}: the model's come from --model")
+    flags = {"lora_rank": args.lora_rank, "lora_alpha": args.lora_alpha,
+             "lora_targets": [t for item in args.lora_targets for t in item.split(",") if t]
+             if args.lora_targets else None}
+    return build_config(overrides=sets + [(f"{section}.{k}", v) for k, v in flags.items() if v is not None])
+
+
+def _add_tune_args(p: argparse.ArgumentParser, section: str) -> None:
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    p.add_argument("--set", action="append", metavar=f"{section}.FIELD=VALUE", default=[],
+                   help=f"any {section} setting, e.g. --set {section}.lr=1e-4 (repeatable)")
+    p.add_argument("--lora-rank", type=int, default=None, help=f"{section}.lora_rank: train LoRA adapters of this "
+                   "rank instead of every weight (0: every weight)")
+    p.add_argument("--lora-alpha", type=float, default=None, help=f"{section}.lora_alpha (default 16)")
+    p.add_argument("--lora-targets", nargs="+", default=None, metavar="NAME",
+                   help="the linear layers adapted (default: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj)")
+
+
+def _tune_summary(result: dict, keys: tuple[str, ...]) -> None:
+    if result.get("interrupted"):
+        sys.exit(130)
+    print(json.dumps({k: result[k] for k in ("step", *keys, "trainable_params", "params", "adapter") if k in result}))
+
+
+def cmd_sft(args) -> None:
+    from candorlm.train.loop import threads_default
+    from candorlm.tune.sft import sft
+
+    threads_default()
+    result = sft(args.model, args.data, args.out, _tune_config(args, "sft"), resume=args.resume)
+    _tune_summary(result, ("val_loss",))
+
+
+def cmd_dpo(args) -> None:
+    from candorlm.train.loop import threads_default
+    from candorlm.tune.dpo import dpo
+
+    threads_default()
+    result = dpo(args.model, args.pairs, args.out, _tune_config(args, "dpo"), resume=args.resume)
+    _tune_summary(result, ("val_margin", "val_accuracy", "val_loss"))
+
+
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
 
 
@@ -222,7 +274,7 @@ def cmd_run(args) -> None:
     cfg.data.source = args.source
     s = pipeline.run(cfg, runs_dir=args.runs_dir, force=args.force, prompt=args.prompt)
     if s.get("interrupted"):
-        print(f"interrupted; rerun the same command to resume from {s['run_dir']}/base")
+        print(f"interrupted; rerun the same command to resume from {s.get('resume_from', s['run_dir'] + '/base')}")
         sys.exit(130)
     base = os.path.join(s["run_dir"], "base")
     p = s["pretrain"]
@@ -233,13 +285,31 @@ def cmd_run(args) -> None:
     print("-" * 60)
     print(s["completion"]["prompt"] + s["completion"]["text"])
     print("-" * 60)
-    print(f"artifacts in {s['run_dir']}/: data/ (DATA_CARD.md), tokenizer/, tokens/, base/ (model directory)")
+    if "measured" in s.get("sft", {}):
+        _print_sft(s["sft"])
+    print(f"artifacts in {s['run_dir']}/: data/ (DATA_CARD.md), tokenizer/, tokens/, base/ (model directory)"
+          + (", instructions/, chat/ (model directory)" if "measured" in s.get("sft", {}) else ""))
     for fmt, path in s.get("exports", {}).items():
         print(f"export ({fmt}): {path}")
     print("next:")
     print(f"  candor generate --model {base} \"import os\\n\" --temperature 0.8")
     print(f"  candor eval --model {base} --data {s['run_dir']}/tokens")
+    if "measured" in s.get("sft", {}):
+        print(f"  candor chat --model {s['sft']['chat_dir']}")
     print(f"  python -c \"import candorlm; print(candorlm.load('{base}').generate('def', max_new_tokens=64))\"")
+
+
+def _print_sft(s: dict) -> None:
+    loss, write = s["measured"]["loss"], s["measured"]["write_function"]
+    print(f"chat model ({s['chat_dir']}): held-out instruction loss {loss['chat']:.3f} (base {loss['base']:.3f}); "
+          f"write-a-function answers that parse and define a function: {write['chat_ok']}/{write['prompts']} "
+          f"(base {write['base_ok']}/{write['prompts']})")
+    print("two turns with the chat model (greedy):")
+    print("-" * 60)
+    for turn in s["exchange"]:
+        print(">>> " + turn["user"].replace("\n", "\n... "))
+        print(turn["assistant"])
+    print("-" * 60)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sft", help="fine-tune a model directory on chats (JSONL messages or prompt/completion)")
+    p.add_argument("--model", required=True, help="the model directory to start from")
+    p.add_argument("--data", default=None, help="a .jsonl file or a directory of them (default: sft.data)")
+    _add_tune_args(p, "sft")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("dpo", help="preference-tune a model directory on prompt/chosen/rejected pairs (DPO)")
+    p.add_argument("--model", required=True, help="the model directory to start from; also the frozen reference")
+    p.add_argument("--pairs", required=True, help="a .jsonl file of prompt/chosen/rejected records")
+    _add_tune_args(p, "dpo")
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("generate", help="complete a prompt")
     p.add_argument("--model", required=True)

@@ -357,6 +357,86 @@ class ExportConfig(Section):
                                         f"{', '.join(EXPORT_FORMATS)}")
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class SFTConfig(Section):
+    """Supervised fine-tuning on chats (candorlm/tune/sft.py). The optimizer, schedule, time
+    budget, checkpoints and logging are pretraining's (train/), driven by these fields."""
+
+    section: ClassVar[str] = "sft"
+    # "" in `candor run`: the instruction set mined from the corpus (tune/mine.py). A .jsonl file or
+    # a directory of them; a directory with train.jsonl and validation.jsonl keeps that split.
+    data: str = ""
+    epochs: Annotated[int, ">= 1"] = 2
+    max_steps: Annotated[int, ">= 0 (0: the epochs decide)"] = 0
+    batch_size: Annotated[int, ">= 1"] = 16  # conversations per micro-batch
+    grad_accum: Annotated[int, ">= 1"] = 1
+    # 0: the base model's max_seq_len. Longer conversations are skipped and counted, never cut.
+    seq_len: Annotated[int, ">= 0 (0: the model's context)"] = 0
+    # Rows hold one conversation each (the model has no document mask, so packed rows would attend
+    # across conversations: tune/chat_data.py). grouped: rows of similar length share a batch (1.3%
+    # padding on the mined set); none: random batches (42%). Both give every conversation the loss
+    # it has alone.
+    packing: Literal["grouped", "none"] = "grouped"
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    # 150 steps from a cpu-tiny base on the mined set: held-out loss 3.33 at 1e-4, 3.27 at 3e-4,
+    # 3.36 at 1e-3, 3.63 at 3e-3 (docs/benchmarks.md, "SFT in the demo")
+    lr: Annotated[float, ">= 0"] = 3e-4
+    matrix_lr: Annotated[float, ">= 0"] = 0.005  # muon only
+    weight_decay: Annotated[float, ">= 0"] = 0.0
+    warmup_steps: Annotated[int, ">= 0"] = 10
+    decay_frac: Annotated[float, "[0, 1]"] = 0.5
+    grad_clip: Annotated[float, ">= 0 (0: off)"] = 1.0
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    time_budget_s: Annotated[float, ">= 0 (0: off)"] = 0.0  # else the steps fit in this long (at most the epochs')
+    holdout_fraction: Annotated[float, "[0, 1)"] = 0.05  # of a file's conversations; a mined set keeps its own split
+    eval_every: Annotated[int, ">= 0 (0: only at the end)"] = 100
+    eval_examples: Annotated[int, ">= 1"] = 256  # held-out conversations scored per evaluation
+    # held-out "Write a Python function" prompts that `candor run` has base and chat answer greedily
+    eval_prompts: Annotated[int, ">= 0"] = 20
+    save_every: Annotated[int, ">= 0 (0: off)"] = 200
+    log_every: Annotated[int, ">= 1"] = 10
+    seed: int = 0
+    lora_rank: Annotated[int, ">= 0 (0: full fine-tuning)"] = 0
+    lora_alpha: Annotated[float, "> 0"] = 16.0
+    lora_dropout: Annotated[float, "[0, 1)"] = 0.0
+    lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class DPOConfig(Section):
+    """Direct preference optimization on prompt/chosen/rejected pairs (candorlm/tune/dpo.py);
+    the loop, checkpoints and logging are pretraining's."""
+
+    section: ClassVar[str] = "dpo"
+    beta: Annotated[float, "> 0"] = 0.1  # the DPO paper's and trl's default
+    loss_type: Literal["sigmoid", "robust", "ipo"] = "sigmoid"
+    label_smoothing: Annotated[float, "[0, 0.5]"] = 0.0
+    epochs: Annotated[int, ">= 1"] = 1
+    max_steps: Annotated[int, ">= 0 (0: the epochs decide)"] = 0
+    batch_size: Annotated[int, ">= 1"] = 8  # pairs per micro-batch
+    grad_accum: Annotated[int, ">= 1"] = 1
+    seq_len: Annotated[int, ">= 0 (0: the model's context)"] = 0
+    lr: Annotated[float, ">= 0"] = 1e-4
+    weight_decay: Annotated[float, ">= 0"] = 0.0
+    warmup_steps: Annotated[int, ">= 0"] = 5
+    decay_frac: Annotated[float, "[0, 1]"] = 0.5
+    grad_clip: Annotated[float, ">= 0 (0: off)"] = 1.0
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    time_budget_s: Annotated[float, ">= 0 (0: off)"] = 0.0
+    holdout_fraction: Annotated[float, "[0, 1)"] = 0.1
+    eval_every: Annotated[int, ">= 0 (0: only at the end)"] = 50
+    save_every: Annotated[int, ">= 0 (0: off)"] = 200
+    log_every: Annotated[int, ">= 1"] = 10
+    seed: int = 0
+    lora_rank: Annotated[int, ">= 0 (0: the whole model)"] = 0
+    lora_alpha: Annotated[float, "> 0"] = 16.0
+    lora_dropout: Annotated[float, "[0, 1)"] = 0.0
+    lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
+
+
 @dataclass
 class RunConfig:
     name: str = "demo"
@@ -369,6 +449,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -402,15 +484,18 @@ def describe_shape(m: ModelConfig) -> str:
 # compute budget.
 AUTO = "auto"
 _DEMO_RUN = {"model.max_seq_len": 256, "train.seq_len": 256, "train.max_steps": 100000,
-             "train.time_budget_s": 600.0, "train.eval_every": 250, "train.save_every": 500, "train.compile": True}
+             "train.time_budget_s": 480.0, "train.eval_every": 250, "train.save_every": 500, "train.compile": True,
+             "sft.time_budget_s": 120.0}
 PRESETS: dict[str, dict[str, object]] = {
-    # The default: cpu-tiny's run (sequence, budget, schedule, compile), with the depth, width,
+    # The default: cpu-tiny's run (sequence, budgets, schedule, compile), with the depth, width,
     # heads, vocabulary and batch derived from the FLOPs the budget buys on this machine
     # (candorlm/sizing.py; build_config fills them in).
     AUTO: dict(_DEMO_RUN),
-    # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval) fits 15 min on 2
-    # cores: the time budget fixes the step count after 6 timed steps (docs/benchmarks.md has
-    # the measured wall time of a fresh clone's `make demo`, set-up included).
+    # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval + mining + SFT +
+    # base-vs-chat measurement) fits 15 min on 2 cores: the time budgets fix the step counts
+    # after 6 timed steps (docs/benchmarks.md has the measured wall time of a fresh clone's
+    # `make demo`, set-up included). Pretraining had 600 s before SFT joined the demo; 480 s
+    # leave room for SFT's 120 s and ~60 s of mining, loading and measuring.
     # torch.compile: 0.44-0.47 s vs 0.60-0.62 s per step after ~30 s of compiling
     # (bench/train_throughput.py), so it pays for itself in under 2 min.
     "cpu-tiny": {
@@ -444,7 +529,7 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-SECTIONS = ("model", "train", "tokenizer", "data", "curate", "export")
+SECTIONS = ("model", "train", "tokenizer", "data", "curate", "export", "sft", "dpo")
 
 
 def apply_override(cfg: RunConfig, key: str, value) -> None:
@@ -502,7 +587,7 @@ def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] |
         cfg.model.max_seq_len = cfg.train.seq_len
     cfg.tokenizer.check()
     cfg.model = cfg.model.resolved()
-    for sec in ("train", "data", "curate", "export"):
+    for sec in ("train", "data", "curate", "export", "sft", "dpo"):
         getattr(cfg, sec).check()
     return cfg
 

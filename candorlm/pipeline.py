@@ -9,12 +9,15 @@ the rule curation's stats.json follows too).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from candorlm.config import RunConfig
+from candorlm.errors import CandorError
 from candorlm.fileio import atomic_write_json
 from candorlm.stage import fingerprint as _fp
 from candorlm.stage import is_current, mark_current
@@ -106,8 +109,6 @@ def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, prom
         resume = not force and (base_dir / "train_state" / "state.json").is_file() and is_current(
             base_dir, train_fp, record="fingerprint.json")
         if base_dir.exists() and not resume:  # another run's model (changed settings, or --force)
-            import shutil
-
             shutil.rmtree(base_dir)
         mark_current(base_dir, train_fp, record="fingerprint.json")
         result = pretrain(tokens_dir, tok_dir, base_dir, cfg, resume=resume, quiet=quiet)
@@ -128,6 +129,13 @@ def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, prom
     completion = m.generate(prompt, max_new_tokens=48, temperature=0.0)
     summary["completion"] = {"prompt": prompt, "text": completion}
     timings["sample"] = time.perf_counter() - t0
+
+    # 6. fine-tune into a chat model
+    t0 = time.perf_counter()
+    summary["sft"] = sft_stage(cfg, root, docs_fp, train_fp, force, quiet)
+    timings["sft"] = time.perf_counter() - t0
+    if summary["sft"].get("interrupted"):
+        return {**summary, "interrupted": True, "resume_from": str(root / "chat")}
     if cfg.export.format_list():
         t0 = time.perf_counter()
         summary["exports"] = export_stage(cfg, base_dir, root / "export", train_fp, force)
@@ -136,6 +144,71 @@ def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, prom
     atomic_write_json(root / "summary.json", summary)
     say(f"[5/5] val bits-per-byte {result['val_bpb']:.4f}")
     return summary
+
+
+def sft_stage(cfg: RunConfig, root: Path, docs_fp: str, base_fp: str, force: bool = False,
+              quiet: bool = False) -> dict:
+    """The instruction set mined from root/data/documents into root/instructions/ (kept apart
+    from pretraining's validation files; its section added to the data card), unless
+    sft.data names other data; SFT of root/base into root/chat/; then held-out instruction
+    loss and write-a-function answers, base vs chat, and the demo's two turns. Each part is
+    skipped when current. Returns what the summary records ({"skipped": why} for a corpus
+    without documented Python definitions and no sft.data)."""
+    from candorlm.tune import measure
+    from candorlm.tune.chat_data import chat_files
+    from candorlm.tune.mine import write_instructions
+    from candorlm.tune.sft import sft, split_chats
+
+    base_dir, chat_dir, sec = root / "base", root / "chat", cfg.sft
+    data = Path(sec.data) if sec.data else root / "instructions"
+    if not sec.data:
+        from candorlm.report.data_card import add_instruction_section
+        from candorlm.tune import mine
+
+        mine_fp = _fp(docs_fp, cfg.data.val_fraction, mine.SYSTEM_PROMPT, mine.KINDS, mine.MAX_CHARS)
+        if force or not is_current(data, mine_fp, ["train.jsonl", "validation.jsonl", "stats.json"]):
+            say(f"[sft] mining the instruction set from the documents -> {data}")
+            try:
+                write_instructions(root / "data" / "documents", data, tokens_dir=root / "tokens")
+            except CandorError as e:
+                if not str(e).startswith("no instruction examples"):
+                    raise
+                # a corpus without documented Python: no default chats, and no chat model
+                say(f"[sft] skipped: {e}; --set sft.data=FILE fine-tunes on chats of your own")
+                return {"skipped": str(e)}
+            mark_current(data, mine_fp)
+        else:
+            say(f"[sft] {data} is current; skipped")
+        stats = json.loads((data / "stats.json").read_text())
+        add_instruction_section(root / "data" / "DATA_CARD.md", stats)
+        say(f"[sft] instruction set: {stats['split']['train']} training, {stats['split']['validation']} validation "
+            "examples (split by source file)")
+    data_fp = _fp(*[hashlib.sha256(f.read_bytes()).hexdigest() for f in chat_files(data)])
+    chat_fp = _fp(base_fp, data_fp, dataclasses.asdict(sec))
+    if force or not is_current(chat_dir, chat_fp, ["model.safetensors", "config.json"]):
+        say(f"[sft] fine-tuning {base_dir} on {data} -> {chat_dir}")
+        resume = not force and (chat_dir / "train_state" / "state.json").is_file() and is_current(
+            chat_dir, chat_fp, record="fingerprint.json")
+        if chat_dir.exists() and not resume:
+            shutil.rmtree(chat_dir)
+        mark_current(chat_dir, chat_fp, record="fingerprint.json")
+        result = sft(base_dir, data, chat_dir, cfg, resume=resume, quiet=quiet)
+        if result.get("interrupted"):
+            return result
+        held = split_chats(data, sec.holdout_fraction, sec.seed)[1]
+        say("[sft] measuring base vs chat on the held-out instructions")
+        measured = measure.compare(base_dir, chat_dir, held, measure.write_prompts(held, sec.eval_prompts),
+                                   sec.batch_size, eval_examples=sec.eval_examples)
+        mark_current(chat_dir, chat_fp, {"result": result, "measured": measured})
+    else:
+        say(f"[sft] {chat_dir} is current; skipped")
+    rec = json.loads((chat_dir / "stage.json").read_text())
+    m = rec["measured"]
+    say(f"[sft] held-out instruction loss: base {m['loss']['base']:.3f} -> chat {m['loss']['chat']:.3f} nats/token; "
+        f"write-a-function answers that parse and define a function: base {m['write_function']['base_ok']}/"
+        f"{m['write_function']['prompts']} -> chat {m['write_function']['chat_ok']}/{m['write_function']['prompts']}")
+    return {"chat_dir": str(chat_dir), "data": str(data), "result": rec["result"],
+            "measured": {k: m[k] for k in ("loss", "write_function")}, "exchange": measure.demo_exchange(chat_dir)}
 
 
 def export_stage(cfg: RunConfig, base_dir: Path, out_dir: Path, model_fp: str, force: bool = False) -> dict[str, str]:

@@ -117,3 +117,36 @@ def train_micro(tokens: Path, tokenizer: Path, out: Path, steps: int, *extra: tu
     cfg = micro_config(("train.max_steps", str(steps)), ("train.eval_every", "0"), *extra)
     pretrain(tokens, tokenizer, out, cfg, quiet=True)
     return out
+
+
+@pytest.fixture(scope="session")
+def micro_instructions(micro_docs, micro_tokens, tmp_path_factory) -> Path:
+    """The instruction set mined from the micro corpus: train.jsonl, validation.jsonl, stats.json."""
+    from candorlm.tune.mine import write_instructions
+
+    out = tmp_path_factory.mktemp("instructions") / "instructions"
+    write_instructions(micro_docs, out, tokens_dir=micro_tokens)
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_chat_base(micro_tokenizer, tmp_path_factory) -> Path:
+    """A model directory of the micro model (random weights) with a 256-token context, long
+    enough for most of the mined chats."""
+    import torch
+
+    from candorlm.model.io import write_model_files
+    from candorlm.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(micro_config(("model.vocab_size", "512"), ("model.max_seq_len", "256")).model)
+    out = tmp_path_factory.mktemp("chat_base") / "base"
+    write_model_files(out, model, micro_tokenizer)
+    return out
+
+
+def tune_config(*sets: tuple[str, str]):
+    """A RunConfig with fine-tuning settings (sft.* and dpo.*) small enough for tests."""
+    from candorlm.config import build_config
+
+    return build_config("cpu-tiny", list(sets))

@@ -1,11 +1,21 @@
-"""Helpers shared by the tests: a run's log.jsonl, and which process in it ran which steps."""
+"""Helpers shared by the tests: the `candor` command in a subprocess, a run's log.jsonl, and
+which process in it ran which steps."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+
+def candor(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "candorlm", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
 
 
 def read_log(out: Path) -> list[dict]:

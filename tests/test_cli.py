@@ -2,21 +2,13 @@
 `candor run` chains every stage and skips current ones, and its model loads."""
 
 import json
-import os
-import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 
 import pytest
 
 from conftest import MICRO, MODULES
-
-
-def candor(*args, cwd=None, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "candorlm", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+from helpers import candor
 
 
 def sets(pairs):
@@ -63,8 +55,10 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def test_run_end_to_end_then_skips(corpus, tmp_path):
+    tune = [("model.max_seq_len", "256"), ("sft.max_steps", "4"), ("sft.batch_size", "4"), ("sft.eval_prompts", "2"),
+            ("sft.eval_examples", "8")]  # a context the mined chats fit in
     args = ["run", "--name", "micro", "--source", str(corpus), "--runs-dir", str(tmp_path / "runs"),
-            "--set", "tokenizer.vocab_size=512", *sets(MICRO)]
+            "--set", "tokenizer.vocab_size=512", *sets(MICRO + tune)]
     r = candor(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "val bits-per-byte" in r.stdout
@@ -74,6 +68,17 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     assert sum(stats["failed"].values()) >= 2  # the binary file and the invalid UTF-8 one, with reasons
     summary = json.loads((run / "summary.json").read_text())
     assert summary["pretrain"]["val_bpb"] > 0
+    # the SFT stage: the mined set (split by file, in the data card), chat/, base vs chat measured, two turns
+    mined = json.loads((run / "instructions" / "stats.json").read_text())
+    assert mined["split"]["train"] > 0 and mined["split"]["validation"] > 0
+    assert "## Instruction set (fine-tuning)" in (run / "data" / "DATA_CARD.md").read_text()
+    sft = summary["sft"]
+    assert sft["chat_dir"] == str(run / "chat") and sft["result"]["step"] == 4
+    assert (run / "chat" / "model.safetensors").is_file() and (run / "chat" / "stage.json").is_file()
+    assert sft["measured"]["loss"]["base"] > 0 and sft["measured"]["loss"]["chat"] > 0
+    assert sft["measured"]["write_function"]["prompts"] == 2 and len(sft["exchange"]) == 2
+    assert "held-out instruction loss" in r.stderr and "two turns with the chat model" in r.stdout
+    assert r.stdout.count(">>> ") == 2
 
     import candorlm
 
@@ -105,18 +110,26 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     weights = (run / "base" / "model.safetensors").read_bytes()
     r2 = candor(*args)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stderr.count("is current; skipped") == 4, r2.stderr
+    assert r2.stderr.count("is current; skipped") == 6, r2.stderr
     assert (run / "base" / "model.safetensors").read_bytes() == weights
 
     # a changed training setting redoes pretraining only, into a clean model directory
     r3 = candor(*args, "--set", "train.max_steps=8")
     assert r3.returncode == 0, r3.stderr[-3000:]
-    assert r3.stderr.count("is current; skipped") == 3 and "[4/5] pretraining" in r3.stderr, r3.stderr
+    assert r3.stderr.count("is current; skipped") == 4 and "[4/5] pretraining" in r3.stderr, r3.stderr
+    assert "[sft] fine-tuning" in r3.stderr  # a new base model: a new chat model
     log = [json.loads(line) for line in (run / "base" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("event") == "done"] == [8]  # this run's log alone
     # --force redoes every stage
     r4 = candor(*args, "--set", "train.max_steps=8", "--force")
     assert r4.returncode == 0 and "skipped" not in r4.stderr, r4.stderr[-3000:]
+    # the user's own chats replace the mined set
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join((run / "instructions" / "train.jsonl").read_text().splitlines(keepends=True)[:40]))
+    r5 = candor(*args, "--set", "train.max_steps=8", "--set", f"sft.data={own}")
+    assert r5.returncode == 0, r5.stderr[-3000:]
+    assert "mining" not in r5.stderr and f"[sft] fine-tuning {run / 'base'} on {own}" in r5.stderr, r5.stderr
+    assert json.loads((run / "summary.json").read_text())["sft"]["data"] == str(own)
 
 
 def test_prompt_escapes():

@@ -76,3 +76,21 @@ def test_nested_audit_after_cda_renders_not_skewed_with_before_verdict(tmp_path)
     assert "Verdict: not skewed" in md and "Before augmentation: **skewed**" in md
     assert "Over 80 documents" in md
     assert (tmp_path / AUDIT_PNG).read_bytes()[:8] == PNG_MAGIC and not (tmp_path / REMOVALS_PNG).exists()
+
+
+def test_instruction_set_section_goes_before_the_configuration_once(micro_instructions, tmp_path):
+    import json
+
+    from candorlm.report.data_card import INSTRUCTIONS_HEADING, add_instruction_section
+
+    write_data_card(tmp_path, FULL_STATS, _audit(), {"data": {}})
+    stats = json.loads((micro_instructions / "stats.json").read_text())
+    for _ in range(2):  # a rerun replaces the section, it does not add another
+        add_instruction_section(tmp_path / "DATA_CARD.md", stats)
+    md = (tmp_path / "DATA_CARD.md").read_text()
+    assert md.count(INSTRUCTIONS_HEADING) == 1
+    assert md.index("## Counterfactual augmentation") < md.index(INSTRUCTIONS_HEADING) < md.index("## Configuration")
+    section = md[md.index(INSTRUCTIONS_HEADING):md.index("## Configuration")]
+    assert f"{stats['examples']:,} examples" in section and "Split by source file" in section
+    for kind in ("write", "explain", "complete"):
+        assert f"| {kind} | {stats['kinds']['train'][kind]:,} | {stats['kinds']['validation'][kind]:,} |" in section

@@ -324,3 +324,45 @@ def write_data_card(out_dir, stats: dict, audit: dict, config: dict) -> None:
               "", "## Known limits", ""]
     lines += [f"- {limit}" for limit in LIMITS]
     atomic_write_text(out_dir / "DATA_CARD.md", "\n".join(lines) + "\n")
+
+
+INSTRUCTIONS_HEADING = "## Instruction set (fine-tuning)"
+
+
+def instruction_section(stats: dict) -> list[str]:
+    """The card's section on the mined instruction set, from tune/mine.py's stats.json."""
+    split, kinds, files = stats.get("split", {}), stats.get("kinds", {}), stats.get("files", {})
+    settings = stats.get("settings", {})
+    out = [INSTRUCTIONS_HEADING, "",
+           f"Chat examples mined with `ast` from the curated Python documents (candorlm/tune/mine.py): "
+           f"{_n(stats.get('examples'))} examples, {_n(split.get('train'))} for training and "
+           f"{_n(split.get('validation'))} for validation. Split by source file: the validation files are the "
+           f"{_n(files.get('pretrain_validation'))} files pretraining held out (data.val_fraction "
+           f"{_n(settings.get('val_fraction'))})"
+           + (f", plus a hashed {_n(settings['holdout_fraction'])} of the rest" if settings.get("holdout_fraction")
+              else "")
+           + ", so no validation function's code is trained on (a copy of one elsewhere is dropped too).", ""]
+    rows = [[k, kinds.get("train", {}).get(k), kinds.get("validation", {}).get(k)] for k in kinds.get("train", {})]
+    out += [_table(["kind", "train", "validation"], rows), "",
+            f"Files: {_n(files.get('train'))} train, {_n(files.get('validation'))} validation, of "
+            f"{_n(files.get('documents'))} documents. System prompt: \"{stats.get('system_prompt', '')}\"."]
+    skipped = stats.get("skipped") or {}
+    if skipped:
+        out += ["", "Definitions not used, by reason:", "", _table(["reason", "count"], sorted(skipped.items()))]
+    return out
+
+
+def add_instruction_section(card_path, stats: dict) -> None:
+    """Put instruction_section(stats) into the DATA_CARD.md at card_path, replacing an earlier
+    one, before "## Configuration" (at the end when the card has none); no card, nothing."""
+    path = Path(card_path)
+    if not path.is_file():
+        return
+    lines = path.read_text().split("\n")
+    if INSTRUCTIONS_HEADING in lines:
+        start = lines.index(INSTRUCTIONS_HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        del lines[start:end]
+    at = lines.index("## Configuration") if "## Configuration" in lines else len(lines)
+    lines[at:at] = instruction_section(stats) + [""]
+    atomic_write_text(path, "\n".join(lines))

@@ -61,6 +61,7 @@ class Run:
     flops_per_token: float
     peak_flops: float
     say: Callable[[str], None]  # a progress line on stderr (rank 0, unless quiet)
+    quiet: bool = False  # no progress bar either
 
     def write_log(self, rec: dict) -> None:
         if self.dist.rank == 0:
@@ -79,9 +80,7 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     tcfg, mcfg = cfg.train.check(), cfg.model
     if torch.device(device).type == "cpu":
         configure_cpu_allocator()
-    if not resume and (out_dir / "train_state" / "state.json").is_file():
-        raise CandorError(f"{out_dir} already holds a training checkpoint: pass --resume to continue it, "
-                          "or another --out for a new run")
+    refuse_overwrite(out_dir, resume)
     meta = load_meta(tokens_dir)
     mcfg.vocab_size = int(meta["vocab_size"])
     mcfg.max_seq_len = max(mcfg.max_seq_len, tcfg.seq_len)
@@ -97,7 +96,7 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     state = {"step": 0, "max_steps": tcfg.max_steps, "tokens_seen": 0, "elapsed_s": 0.0}
     payload = None
     if resume:
-        state, payload = _load_checkpoint(out_dir, model, cfg, dist, say)
+        state, payload = load_checkpoint(out_dir, model, cfg, dist, say)
     # FSDP/TP shard `model` in place and return it; DDP and compile return a wrapper around it.
     train_model = parallelize(model, tcfg, dist)  # also activation checkpointing and compile
     optimizers = build_optimizers(model, tcfg)  # sharded: Muon on whole matrices
@@ -112,25 +111,37 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
               val_tokens=val_tokens, token_bytes=token_bytes, state=state,
               tokens_per_step=tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * dist.dp_size,
               flops_per_token=model.flops_per_token(tcfg.seq_len),
-              peak_flops=matmul_flops(device, amp) * dist.world_size, say=say)
+              peak_flops=matmul_flops(device, amp) * dist.world_size, say=say, quiet=quiet)
     say(describe(cfg))
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {run.flops_per_token / 1e6:.1f} MFLOP/token; "
         f"{run.tokens_per_step} tokens/step; {'bf16 autocast' if amp else 'fp32'} on {device} x{dist.world_size}; "
         f"measured {precision_name(amp)} matmul peak {run.peak_flops / 1e9:.0f} GFLOP/s")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume and dist.rank == 0:
-        # a log left by a run that never saved: this run's log starts fresh
-        (out_dir / "log.jsonl").unlink(missing_ok=True)
-    run.write_log({"event": "start", "step": state["step"], "max_steps": state["max_steps"], "resumed": resume,
-                   "pid": os.getpid(), "world_size": dist.world_size,
-                   "optimizer_norm": dist_checkpoint.optimizer_state_norm(optimizers)})
+    log_start(run, resume)
     return run
 
 
-def _load_checkpoint(out_dir: Path, model: Transformer, cfg: RunConfig, dist, say) -> tuple[dict, dict]:
+def refuse_overwrite(out_dir: Path, resume: bool) -> None:
+    if not resume and (Path(out_dir) / "train_state" / "state.json").is_file():
+        raise CandorError(f"{out_dir} already holds a training checkpoint: pass --resume to continue it, "
+                          "or another --out for a new run")
+
+
+def log_start(run: Run, resume: bool) -> None:
+    """The `start` record (a fresh run's log replaces one left by a run that never saved)."""
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and run.dist.rank == 0:
+        (run.out_dir / "log.jsonl").unlink(missing_ok=True)
+    run.write_log({"event": "start", "step": run.state["step"], "max_steps": run.state["max_steps"],
+                   "resumed": resume, "pid": os.getpid(), "world_size": run.dist.world_size,
+                   "optimizer_norm": dist_checkpoint.optimizer_state_norm(run.optimizers)})
+
+
+def load_checkpoint(out_dir: Path, model: Transformer, cfg: RunConfig, dist, say,
+                    load_weights: Callable[[Path], None] | None = None) -> tuple[dict, dict]:
     """Loads the checkpoint's weights into `model` (before any wrapping) after refusing a
     changed model or optimizer; returns its state (with a changed train.max_steps, if asked
-    for) and the payload of optimizer states and RNG, which load once the optimizers exist."""
+    for) and the payload of optimizer states and RNG, which load once the optimizers exist.
+    load_weights(out_dir): another way to load them (LoRA adapters: tune/trainer.py)."""
     from safetensors.torch import load_file
 
     if dist.enabled:  # finish or drop a half-done commit once, before every rank reads
@@ -139,7 +150,10 @@ def _load_checkpoint(out_dir: Path, model: Transformer, cfg: RunConfig, dist, sa
         runtime.barrier(dist)
     state, payload = ckpt.load_train_state(out_dir)
     changes = ckpt.resume_changes(ckpt.load_run_config(out_dir), cfg.to_dict())
-    model.load_state_dict(load_file(str(out_dir / "model.safetensors")), strict=not cfg.model.tie_embeddings)
+    if load_weights is not None:
+        load_weights(out_dir)
+    else:
+        model.load_state_dict(load_file(str(out_dir / "model.safetensors")), strict=not cfg.model.tie_embeddings)
     if "train.max_steps" in changes:  # asked for another length: the schedule follows it
         state["max_steps"] = cfg.train.max_steps
     say(f"resuming {out_dir} at step {state['step']} of {state['max_steps']}")
@@ -151,17 +165,18 @@ def _load_checkpoint(out_dir: Path, model: Transformer, cfg: RunConfig, dist, sa
 
 def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Step `step` (0-based): train.grad_accum micro-batches, gradient clipping, one optimizer
-    step. Returns the micro-batches' summed loss (float64) and the gradient norm before
-    clipping, both left on the device: reading them waits for it, which log_step alone does."""
+    step. A micro-batch is the tensors `run.batches.get(step, micro)` gives, (x, y) in
+    pretraining, and `run.train_model(*batch)` is its loss. Returns the micro-batches' summed
+    loss (float64) and the gradient norm before clipping, both left on the device: reading
+    them waits for it, which log_step alone does."""
     tcfg, device, amp = run.cfg.train, run.device, run.amp
     set_lr(run.optimizers, lr_multiplier(step, run.state["max_steps"], tcfg))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # float64: the sum a Python float made
     for micro in range(tcfg.grad_accum):
-        x, y = run.batches.get(step, micro)
-        x, y = x.to(device), y.to(device)
+        batch = [t.to(device) for t in run.batches.get(step, micro)]
         with runtime.no_sync_unless_last(run.train_model, micro == tcfg.grad_accum - 1):
             with torch.autocast(device.split(":")[0], dtype=amp or torch.float32, enabled=amp is not None):
-                loss = run.train_model(x, y)
+                loss = run.train_model(*batch)
             (loss / tcfg.grad_accum).backward()
         loss_sum += loss.detach().double()
     gnorm = runtime.clip_grad_norm_(run.train_model, tcfg.grad_clip) if tcfg.grad_clip > 0 else torch.tensor(0.0)
@@ -183,11 +198,13 @@ def evaluate(run: Run) -> dict:
     return r
 
 
-def maybe_eval(run: Run, step: int) -> None:
-    """Every train.eval_every steps, before the step that follows (the final eval is pretrain's)."""
+def maybe_eval(run: Run, step: int, evaluate_fn: Callable[[Run], dict] = evaluate) -> None:
+    """Every train.eval_every steps, before the step that follows (the final eval is
+    train_loop's); the progress line shows the result's first figure (val bpb in pretraining)."""
     every = run.cfg.train.eval_every
     if every and step % every == 0 and step > 0:
-        run.say(f"step {step}: val bpb {evaluate(run)['val_bpb']:.4f}")
+        name, value = next(iter(evaluate_fn(run).items()))
+        run.say(f"step {step}: {name.replace('_', ' ')} {value:.4f}")
 
 
 def save(run: Run) -> None:
@@ -199,18 +216,23 @@ def save(run: Run) -> None:
         ckpt.save_checkpoint(run.out_dir, model, run.tokenizer_dir, run.optimizers, run.state, run.cfg.to_dict(),
                              state_dict=sd, optim_states=opt_states, staged=staged)
     runtime.barrier(dist)
+    log_save(run)
+
+
+def log_save(run: Run) -> None:
+    """The `save` record: a resume from this checkpoint must start with this optimizer norm."""
     run.write_log({"event": "save", "step": run.state["step"],
                    "optimizer_norm": dist_checkpoint.optimizer_state_norm(run.optimizers)})
 
 
-def maybe_save(run: Run, stop: bool, loss_sum: torch.Tensor) -> None:
+def maybe_save(run: Run, stop: bool, loss_sum: torch.Tensor, save_fn: Callable[[Run], None] = save) -> None:
     """Every train.save_every steps, and when the run stops early; never a diverged run over
     its last good checkpoint (between log steps the loss is read only here)."""
     every = run.cfg.train.save_every
     if (every and run.state["step"] % every == 0) or stop:
         if math.isnan(_mean_loss(run, loss_sum)):
             raise _diverged(run)
-        save(run)
+        save_fn(run)
 
 
 def fit_budget(run: Run, budget: TimeBudget, step_times: list[float], bar) -> None:
@@ -252,18 +274,31 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     the checkpoint (the budget's fit, when the run had one), or to a train.max_steps changed
     for the resume. stop_at_step: save and return after that many steps, as an interruption
     would (tests)."""
+    run = set_up(tokens_dir, tokenizer_dir, out_dir, cfg, resume, quiet)
+    budget = TimeBudget(run.cfg.train.time_budget_s if not resume else 0.0, run.cfg.train, run.tokens_per_step)
+    done = train_loop(run, budget, stop_at_step)
+    if done is None:
+        return {"interrupted": True, "step": run.state["step"]}
+    return _finish(run, *done)
+
+
+def train_loop(run: Run, budget: TimeBudget, stop_at_step: int | None = None,
+               evaluate_fn: Callable[[Run], dict] = evaluate,
+               save_fn: Callable[[Run], None] = save) -> tuple[dict, list[float]] | None:
+    """The steps from run.state["step"] to its max_steps, then a final evaluation and save:
+    (that evaluation, the steps' times), or None when Ctrl-C, SIGTERM or stop_at_step stopped
+    the run first (a checkpoint is saved). Fine-tuning (tune/) brings its own evaluation and
+    save; everything else is pretraining's."""
     from tqdm import tqdm
 
-    run = set_up(tokens_dir, tokenizer_dir, out_dir, cfg, resume, quiet)
     tcfg, state = run.cfg.train, run.state
     bar = tqdm(total=state["max_steps"], initial=state["step"], unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=True if quiet or run.dist.rank != 0 else None)
-    budget = TimeBudget(tcfg.time_budget_s if not resume else 0.0, tcfg, run.tokens_per_step)
+               disable=True if run.quiet or run.dist.rank != 0 else None)
     step_times = []
     with _Interrupt() as interrupt:
         while state["step"] < state["max_steps"]:
             step = state["step"]
-            maybe_eval(run, step)
+            maybe_eval(run, step, evaluate_fn)
             t0 = time.perf_counter()
             loss_sum, gnorm = train_step(run, step)
             if budget.timed(step + 1):
@@ -281,15 +316,15 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
             # Ranks stop together: one signalled alone would otherwise leave the rest in a collective.
             stop = bool(runtime.max_across_ranks(interrupt.requested, run.dist)) or (
                 stop_at_step is not None and state["step"] >= stop_at_step)
-            maybe_save(run, stop, loss_sum)
+            maybe_save(run, stop, loss_sum, save_fn)
             if stop:
                 bar.close()
                 run.say(f"stopped at step {state['step']}; checkpoint saved; continue with --resume")
-                return {"interrupted": True, "step": state["step"]}
+                return None
         bar.close()
-        final = evaluate(run)
-        save(run)
-    return _finish(run, final, step_times)
+        final = evaluate_fn(run)
+        save_fn(run)
+    return final, step_times
 
 
 def _finish(run: Run, final: dict, step_times: list[float]) -> dict:

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from candorlm import config
 from candorlm.errors import CandorError
 from candorlm.fileio import atomic_dir
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = tuple(config.LORA_TARGETS)  # the sft.lora_targets and dpo.lora_targets default
 # rank 8 with alpha 2r: the LoRA paper found r as low as 4-8 enough on GPT-3's attention
 # matrices; alpha/r = 2 is the ratio trl's and peft's examples use. dropout 0: the adapters
 # of a small model on a few thousand examples overfit less than they underfit.
