@@ -9,7 +9,7 @@ rounds of the median step), so a neighbour slows every shape alike.
 
     python bench/sizing.py time                  # compiled step times of the grid's shapes, bf16 and fp32
     python bench/sizing.py calibrate             # fixed-budget runs; the table; the best shape per budget
-    python bench/sizing.py compare               # preset auto vs cpu-tiny: fp32 at the Zen3-emulated budget, bf16 at 600 s
+    python bench/sizing.py compare               # auto vs cpu-tiny: fp32 at the Zen3 budget, bf16 at the demo's
 
 Modes share runs/sizing/ (the curated stdlib once, a tokenizer and shards per vocabulary, every
 run's log and result). bits per byte are over every validation window of the split, whose
@@ -39,12 +39,15 @@ from candorlm.train.loop import pretrain, threads_default
 
 ROOT = Path("runs/sizing")
 REF = (4, 8192, 32)  # cpu-tiny: depth, vocabulary, batch
-# Budgets in cpu-tiny steps and the precision whose step times convert them. zen4: what `make demo`
-# trains in its 600 s on 2 quiet Zen4 cores (1,150-1,210 steps, docs/benchmarks.md "make demo");
-# zen3: 600 s at 150 GFLOP/s fp32 (a Zen3 without native bf16), i.e. 600 x 150 / R_fp32 seconds
+# Budgets in cpu-tiny steps and the precision whose step times convert them, for the demo's
+# pretraining budget (cpu-tiny's train.time_budget_s, 480 s). zen4: what `make demo` trained in
+# 600 s on 2 quiet Zen4 cores (1,150-1,210 steps, docs/benchmarks.md "make demo"), scaled to 480 s;
+# zen3: 480 s at 150 GFLOP/s fp32 (a Zen3 without native bf16), i.e. 480 x 150 / R_fp32 seconds
 # of fp32 steps here (--zen3-steps, from `time`'s measured fp32 rate and cpu-tiny fp32 step);
 # mid: their geometric mean.
-BUDGETS = {"zen3": ("fp32", 0), "mid": ("bf16", 0), "zen4": ("bf16", 1150)}
+DEMO_S = build_config("cpu-tiny").train.time_budget_s
+ZEN3_FLOPS = 150e9
+BUDGETS = {"zen3": ("fp32", 0), "mid": ("bf16", 0), "zen4": ("bf16", 1150 * DEMO_S / 600)}
 GRID = {
     "zen3": "2/1024 2/2048 2/4096 3/2048 3/4096 4/8192",
     "mid": "2/2048 3/2048 3/4096 4/4096 4/8192",
@@ -189,20 +192,22 @@ def cmd_time(args) -> None:
         row = f"{n:<14}"
         for p in ("bf16", "fp32"):
             t = out["times"][p].get(n)
-            row += (f"{t['s']:>8.3f}{t['s'] / out['times'][p][ref]['s']:>8.3f}{t['flops_per_step'] / t['s'] / rates[p]:>6.0%}"
-                    if t else f"{'-':>8}{'-':>8}{'-':>6}")
+            row += (f"{t['s']:>8.3f}{t['s'] / out['times'][p][ref]['s']:>8.3f}"
+                    f"{t['flops_per_step'] / t['s'] / rates[p]:>6.0%}" if t else f"{'-':>8}{'-':>8}{'-':>6}")
         print(row)
     print(json.dumps(out))
 
 
 # --- training runs at fixed budgets ---------------------------------------------------------------
 
-def run_steps(shape, steps_list: list[int], precision: str, tag: str, compile_: bool = False) -> dict[int, dict]:
+def run_steps(shape, steps_list: list[int], precision: str, tag: str, compile_: bool = False,
+              prompt: str | None = None) -> dict[int, dict]:
     """Train `shape` once for each step count in steps_list and return {steps: result}. The runs
     share their stable phase: the warmup-stable-decay schedule is the same for every length until
     a run's decay begins (train/optim.py), and the batches are a function of the step, so the
     longest run trains on and the shorter ones branch off a checkpoint at their decay's start
-    (a resume with another train.max_steps), as separate runs would be."""
+    (a resume with another train.max_steps), as separate runs would be. With a prompt, the longest
+    run's greedy completion of it (48 tokens, as `candor run` prints) is kept in its result."""
     tokens, tok = ensure_data(shape[1])
     out_dir = ROOT / "runs" / f"{tag}-{shape_name(shape)}-{precision}"
     results: dict[int, dict] = {}
@@ -253,6 +258,11 @@ def run_steps(shape, steps_list: list[int], precision: str, tag: str, compile_: 
         record(s, train(branch, s, True))
         shutil.rmtree(branch)
     record(longest, train(out_dir, longest, started))
+    if prompt is not None:
+        from candorlm.api import load
+
+        results[longest]["completion"] = load(out_dir).generate(prompt, max_new_tokens=48, temperature=0.0)
+        done_file.write_text(json.dumps(results))
     shutil.rmtree(out_dir)
     return results
 
@@ -271,7 +281,7 @@ def load_times() -> dict:
 def budget_steps(times: dict, args) -> dict[str, tuple[str, float]]:
     """Each budget as (precision, cpu-tiny steps)."""
     ref = shape_name(REF)
-    zen3 = args.zen3_steps or 600 * 150e9 / times["rates"]["fp32"] / times["times"]["fp32"][ref]["s"]
+    zen3 = args.zen3_steps or DEMO_S * ZEN3_FLOPS / times["rates"]["fp32"] / times["times"]["fp32"][ref]["s"]
     zen4 = args.zen4_steps
     # the middle budget in FLOPs: cpu-tiny bf16 steps whose FLOPs are the geometric mean of the other two
     fp32_per_bf16 = 1.0  # a cpu-tiny step is the same FLOPs in either precision
@@ -345,7 +355,8 @@ def print_table(rows: list[dict], budgets: dict) -> None:
     for which, per in fits.items():
         vals = [v for v in per.values() if v]
         spread = max(vals) / min(vals) if len(vals) > 1 else math.nan
-        print(f"best tokens per parameter ({which}): " + ", ".join(f"{b} {v:.2f}" if v else f"{b} -" for b, v in per.items())
+        print(f"best tokens per parameter ({which}): "
+              + ", ".join(f"{b} {v:.2f}" if v else f"{b} -" for b, v in per.items())
               + (f"; geometric mean {math.exp(np.mean(np.log(vals))):.2f}, spread {spread:.2f}x" if vals else ""))
     print(json.dumps({"budgets": {b: {"precision": p, "ref_steps": round(s, 1)} for b, (p, s) in budgets.items()},
                       "best": {b: r["shape"] for b, r in best.items()}, "fits": fits, "runs": rows}))
@@ -375,7 +386,7 @@ def fit_ratios(rows: list[dict]) -> dict[str, dict[str, float | None]]:
 # --- acceptance -----------------------------------------------------------------------------------
 
 def cmd_compare(args) -> None:
-    """preset auto against cpu-tiny on each path: fp32 at the Zen3-emulated budget, bf16 at 600 s.
+    """preset auto against cpu-tiny on each path: fp32 at the Zen3-emulated budget, bf16 at the demo's.
     Each run is `candor run`'s training (compiled), at the number of steps its budget gives on
     this machine when quiet (--steps-from times: the step times `time` measured), or at the wall
     clock (--steps-from clock: train.time_budget_s, as `make demo` runs)."""
@@ -385,8 +396,8 @@ def cmd_compare(args) -> None:
     budgets = budget_steps(times, args)
     rate = times["rates"]
     rows = []
-    for path, (budget_name, budget_s) in {"fp32": ("zen3", 600 * 150e9 / rate["fp32"]),
-                                          "bf16": ("zen4", 600.0)}.items():
+    for path, (budget_name, budget_s) in {"fp32": ("zen3", DEMO_S * ZEN3_FLOPS / rate["fp32"]),
+                                          "bf16": ("zen4", DEMO_S)}.items():
         if path not in args.paths.split(","):
             continue
         measurement = {"device": "cpu", "precision": path, "matmul_flops": rate[path], "cpu": "recorded by bench"}
@@ -395,14 +406,16 @@ def cmd_compare(args) -> None:
         say(sizing.explain(auto.sizing))
         for name, shape in (("cpu-tiny", REF), ("auto", a)):
             steps = steps_for(shape, budgets[budget_name], times)
-            res = run_steps(shape, [steps], path, f"cmp-{name}", compile_=True)[steps]
+            res = run_steps(shape, [steps], path, f"cmp-{name}", compile_=True, prompt=args.prompt)[steps]
             rows.append({"path": path, "budget": budget_name, "budget_s": round(budget_s, 1), "preset": name,
                          "shape": shape_name(shape), "steps": steps, "val_bpb": res["val_bpb"],
-                         "params": res["params"]})
+                         "params": res["params"], "completion": res.get("completion")})
     print(f"{'path':<6}{'budget':>8}{'budget s':>10}{'preset':>10}{'shape':>16}{'steps':>7}{'val bpb':>9}")
     for r in rows:
         print(f"{r['path']:<6}{r['budget']:>8}{r['budget_s']:>10.1f}{r['preset']:>10}{r['shape']:>16}"
               f"{r['steps']:>7}{r['val_bpb']:>9.4f}")
+    for r in rows:
+        print(f"{r['path']} {r['preset']}: {args.prompt}{r['completion']!r}" if r["completion"] is not None else "")
     print(json.dumps({"rows": rows, "load_avg": os.getloadavg()[0]}))
 
 
@@ -410,17 +423,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("mode", choices=("time", "calibrate", "compare"))
     ap.add_argument("--rounds", type=int, default=3, help="time: rounds")
-    ap.add_argument("--steps", type=int, default=3, help="time: steps per round of each shape and of cpu-tiny beside it")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="time: steps per round of each shape and of cpu-tiny beside it")
     ap.add_argument("--shapes", default="", help="time: more precision:shape pairs, e.g. 'fp32:2/2048/16 bf16:5/8192'")
     ap.add_argument("--only", action="store_true", help="time: only cpu-tiny and --shapes, not the grids' shapes")
     ap.add_argument("--budgets", default="zen3,mid,zen4", help="calibrate: which budgets ('' with --table-only)")
     for b in BUDGETS:
         ap.add_argument(f"--{b}", default="", help=f"calibrate: shapes at the {b} budget (default {GRID[b]!r})")
     ap.add_argument("--zen3-steps", type=float, default=0.0,
-                    help="the zen3 budget in cpu-tiny fp32 steps (0: 600 s x 150 GFLOP/s / the measured fp32 rate)")
-    ap.add_argument("--zen4-steps", type=float, default=1150.0, help="the zen4 budget in cpu-tiny bf16 steps")
+                    help="the zen3 budget in cpu-tiny fp32 steps (0: the demo's budget x 150 GFLOP/s / the "
+                         "measured fp32 rate)")
+    ap.add_argument("--zen4-steps", type=float, default=BUDGETS["zen4"][1],
+                    help="the zen4 budget in cpu-tiny bf16 steps")
     ap.add_argument("--precision", default="bf16", help="calibrate: the training precision of the runs")
     ap.add_argument("--paths", default="fp32,bf16", help="compare: which paths")
+    ap.add_argument("--prompt", default="class", help="compare: the prompt of the greedy completion printed")
     args = ap.parse_args()
     try:
         {"time": cmd_time, "calibrate": cmd_calibrate, "compare": cmd_compare}[args.mode](args)

@@ -17,9 +17,9 @@ from candorlm.errors import CandorError
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     from candorlm.config import PRESETS
 
-    p.add_argument("--preset", default="auto",
-                   help=f"one of {', '.join(PRESETS)} (default auto: the model sized to the machine's compute "
-                        "and the time budget; cpu-tiny: the fixed demo shape)")
+    p.add_argument("--preset", default="cpu-tiny",
+                   help=f"one of {', '.join(PRESETS)} (default cpu-tiny: the demo's fixed shape; auto: cpu-tiny's "
+                        "run with the model sized to this machine's compute and the time budget)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", default=[],
                    help="override any setting, e.g. --set train.max_steps=100 (repeatable)")
 
@@ -106,7 +106,8 @@ def cmd_pretrain(args) -> None:
     # measurement its checkpoint recorded, not from a new one
     tok_file = os.path.join(args.tokenizer, "tokenizer.json")
     known = {"tokenizer.vocab_size": _vocab_size(tok_file)} if os.path.isfile(tok_file) else None
-    recorded = sizing.recorded_measurement(os.path.join(args.out, "train_state", "run_config.json")) if args.resume else None
+    saved = os.path.join(args.out, "train_state", "run_config.json")
+    recorded = sizing.recorded_measurement(saved) if args.resume else None
     cfg = _config(args, measurement=recorded, known=known)
     if cfg.sizing and int(os.environ.get("RANK", "0")) == 0:
         print(sizing.explain(cfg.sizing), file=sys.stderr)

@@ -487,9 +487,10 @@ _DEMO_RUN = {"model.max_seq_len": 256, "train.seq_len": 256, "train.max_steps": 
              "train.time_budget_s": 480.0, "train.eval_every": 250, "train.save_every": 500, "train.compile": True,
              "sft.time_budget_s": 120.0}
 PRESETS: dict[str, dict[str, object]] = {
-    # The default: cpu-tiny's run (sequence, budgets, schedule, compile), with the depth, width,
-    # heads, vocabulary and batch derived from the FLOPs the budget buys on this machine
-    # (candorlm/sizing.py; build_config fills them in).
+    # cpu-tiny's run (sequence, budgets, schedule, compile), with the depth, width, heads,
+    # vocabulary and batch derived from the FLOPs the budget buys on this machine
+    # (candorlm/sizing.py; build_config fills them in). Not the default: measured better than
+    # cpu-tiny on the fp32 path, not yet measured on the bf16 path (docs/benchmarks.md "Sizing").
     AUTO: dict(_DEMO_RUN),
     # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval + mining + SFT +
     # base-vs-chat measurement) fits 15 min on 2 cores: the time budgets fix the step counts
