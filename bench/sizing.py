@@ -165,10 +165,10 @@ def cmd_time(args) -> None:
     threads_default()
     from candorlm.device import matmul_flops
 
-    pairs = {(p, REF) for p in ("bf16", "fp32")} | {(p, parse_shape(s)) for p, s in
-                                                     (x.split(":") for x in args.shapes.split())}
+    pairs = {(p, parse_shape(s)) for p, s in (x.split(":") for x in args.shapes.split())}
     if not args.only:
         pairs |= {(BUDGETS[b][0], parse_shape(s)) for b, g in GRID.items() for s in g.split()}
+    pairs |= {(p, REF) for p, _ in pairs}  # cpu-tiny beside them, in each precision timed
     pairs = sorted(pairs)
     rates = {p: max(matmul_flops.__wrapped__("cpu", torch.bfloat16 if p == "bf16" else None, seconds=1.2)
                     for _ in range(3)) for p in ("bf16", "fp32")}
@@ -191,7 +191,7 @@ def cmd_time(args) -> None:
     for n in sorted({n for t in out["times"].values() for n in t}):
         row = f"{n:<14}"
         for p in ("bf16", "fp32"):
-            t = out["times"][p].get(n)
+            t = out["times"].get(p, {}).get(n)
             row += (f"{t['s']:>8.3f}{t['s'] / out['times'][p][ref]['s']:>8.3f}"
                     f"{t['flops_per_step'] / t['s'] / rates[p]:>6.0%}" if t else f"{'-':>8}{'-':>8}{'-':>6}")
         print(row)
@@ -281,7 +281,8 @@ def load_times() -> dict:
 def budget_steps(times: dict, args) -> dict[str, tuple[str, float]]:
     """Each budget as (precision, cpu-tiny steps)."""
     ref = shape_name(REF)
-    zen3 = args.zen3_steps or DEMO_S * ZEN3_FLOPS / times["rates"]["fp32"] / times["times"]["fp32"][ref]["s"]
+    fp32_rate = args.fp32_rate * 1e9 or times["rates"]["fp32"]
+    zen3 = args.zen3_steps or DEMO_S * ZEN3_FLOPS / fp32_rate / times["times"]["fp32"][ref]["s"]
     zen4 = args.zen4_steps
     # the middle budget in FLOPs: cpu-tiny bf16 steps whose FLOPs are the geometric mean of the other two
     fp32_per_bf16 = 1.0  # a cpu-tiny step is the same FLOPs in either precision
@@ -394,7 +395,7 @@ def cmd_compare(args) -> None:
     threads_default()
     times = load_times()
     budgets = budget_steps(times, args)
-    rate = times["rates"]
+    rate = {**times["rates"], **({"fp32": args.fp32_rate * 1e9} if args.fp32_rate else {})}
     rows = []
     for path, (budget_name, budget_s) in {"fp32": ("zen3", DEMO_S * ZEN3_FLOPS / rate["fp32"]),
                                           "bf16": ("zen4", DEMO_S)}.items():
@@ -433,6 +434,9 @@ def main() -> None:
     ap.add_argument("--zen3-steps", type=float, default=0.0,
                     help="the zen3 budget in cpu-tiny fp32 steps (0: the demo's budget x 150 GFLOP/s / the "
                          "measured fp32 rate)")
+    ap.add_argument("--fp32-rate", type=float, default=0.0,
+                    help="this machine's fp32 matmul rate in GFLOP/s for the zen3 budget (0: the one `time` measured; "
+                         "give a quiet measurement when `time` ran beside a neighbour's burst)")
     ap.add_argument("--zen4-steps", type=float, default=BUDGETS["zen4"][1],
                     help="the zen4 budget in cpu-tiny bf16 steps")
     ap.add_argument("--precision", default="bf16", help="calibrate: the training precision of the runs")
