@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.candorlm-installed
+# The web chat's browser tests drive Debian's chromium through Playwright (Playwright's own
+# browser download does not work offline); installed when missing, which needs root and apt.
+CHROMIUM := /usr/bin/chromium
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 .PHONY: demo test bench setup clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CHROMIUM)
 
 # Reinstalled when pyproject.toml changes. torch is pinned to 2.13.0 in pyproject.toml
 # (a plain `torch` pulls a multi-GB CUDA build on CPU machines).
@@ -19,12 +22,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "the web chat tests need $(CHROMIUM): run 'apt-get install chromium' as root"; fi
+
 demo: $(STAMP)
 	$(BIN)/candor run --name demo
 
 # PASSIVE: idle OpenMP threads sleep instead of spinning, so the tests' concurrent
 # processes (torchrun ranks, curation workers) do not starve each other on 2 cores.
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	$(BIN)/ruff check candorlm tests bench
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q -p no:cacheprovider
 

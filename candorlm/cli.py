@@ -206,25 +206,83 @@ def cmd_generate(args) -> None:
 def cmd_chat(args) -> None:
     from candorlm.tune.chat import run_chat
 
+    if (args.model is None) == (args.url is None):
+        raise CandorError("candor chat needs --model DIR (a model directory) or --url URL (a running candor serve)")
     run_chat(args.model, system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-             top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty)
+             top_k=args.top_k, top_p=args.top_p, seed=args.seed, repetition_penalty=args.repetition_penalty,
+             url=args.url, api_key=args.api_key or os.environ.get("CANDOR_API_KEY"))
+
+
+def cmd_serve(args) -> None:
+    from candorlm.serve.server import ServeOptions, serve
+
+    engine = {"max_slots": args.max_slots, "prefix_cache": not args.no_prefix_cache, "speculative": args.speculative,
+              "dtype": args.dtype, "compile": args.compile}
+    if args.max_model_len:
+        engine["max_seq_len"] = args.max_model_len
+    if args.max_concurrency < 1 or args.max_body_bytes < 1:
+        raise CandorError(f"--max-concurrency {args.max_concurrency} and --max-body-bytes {args.max_body_bytes} "
+                          "must be >= 1")
+    key = args.api_key or os.environ.get("CANDOR_API_KEY") or None
+    opts = ServeOptions(served_name=args.served_model_name, api_key=key, max_concurrency=args.max_concurrency,
+                        max_body_bytes=args.max_body_bytes, run_dir=args.run_dir, engine=engine)
+    serve(args.model, host=args.host, port=args.port, options=opts, log_level=args.log_level)
+
+
+def cmd_feedback(args) -> None:
+    from candorlm.serve.feedback import open_store
+
+    n = open_store(args.run_dir, create=False).export(args.format, args.out, args.model_version)
+    print(f"{n} {args.format} records written to {args.out}")
 
 
 def cmd_eval(args) -> None:
-    from candorlm.data.shards import open_split
-    from candorlm.device import autocast_dtype, configure_cpu_allocator
-    from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
-    from candorlm.model.io import load_model
+    from candorlm.device import configure_cpu_allocator
 
     if args.seq_len < 0 or args.tokens < 1:
         raise CandorError(f"--seq-len {args.seq_len} must be >= 0 (0: the model's context) "
                           f"and --tokens {args.tokens} >= 1")
     configure_cpu_allocator()
-    model = load_model(args.model)
-    seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len, args.tokens,
-                     8, autocast_dtype("cpu", "auto"))
-    print(json.dumps(r))
+    if args.tasks is None and args.out is None:
+        if args.data is None:
+            raise CandorError("candor eval needs --data TOKENS (validation bits per byte) or --tasks/--out (the suite)")
+        from candorlm.data.shards import open_split
+        from candorlm.device import autocast_dtype
+        from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
+        from candorlm.model.io import load_model
+
+        model = load_model(args.model)
+        seq_len = min(args.seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        r = evaluate_bpb(model, open_split(args.data, "val"), token_bytes_for(args.model, args.data), seq_len,
+                         args.tokens, 8, autocast_dtype("cpu", "auto"))
+        print(json.dumps(r))
+        return
+    from candorlm.evaluate.suite import evaluate_model
+
+    out = args.out or os.path.join(args.model, "eval")
+    res = evaluate_model(args.model, out, tasks=args.tasks, data=args.data, documents=args.documents,
+                         val_fraction=args.val_fraction, humaneval_limit=args.humaneval_limit or None,
+                         humaneval_samples=args.samples, lm_tokens=args.tokens, seed=args.seed)
+    print(f"results in {os.path.join(out, 'results.json')} ({res['costs_s']['total']} s); "
+          f"model card: candor card --model {args.model}")
+
+
+def cmd_card(args) -> None:
+    from pathlib import Path
+
+    from candorlm.report.model_card import write_model_card
+    from candorlm.report.run_report import write_report
+
+    results = args.results or os.path.join(args.model, "eval", "results.json")
+    if not os.path.isfile(results):
+        raise CandorError(f"--results {results} does not exist; run `candor eval --model {args.model}` first")
+    res = json.loads(open(results, encoding="utf-8").read())
+    out = args.out or os.path.join(args.model, "MODEL_CARD.md")
+    write_model_card(out, res, name=args.name or os.path.basename(os.path.normpath(args.model)))
+    charts = os.path.relpath(os.path.dirname(os.path.abspath(results)), os.path.dirname(os.path.abspath(out)))
+    logs = {"pretrain": Path(args.model) / "log.jsonl"}
+    write_report(os.path.dirname(os.path.abspath(out)), res, logs, name=args.name or args.model, charts=charts)
+    print(f"model card: {out}; report: {os.path.join(os.path.dirname(out) or '.', 'report.md')}")
 
 
 def cmd_export(args) -> None:
@@ -290,6 +348,9 @@ def cmd_run(args) -> None:
         _print_sft(s["sft"])
     print(f"artifacts in {s['run_dir']}/: data/ (DATA_CARD.md), tokenizer/, tokens/, base/ (model directory)"
           + (", instructions/, chat/ (model directory)" if "measured" in s.get("sft", {}) else ""))
+    if s.get("cards"):
+        print(f"evaluation: {s['eval']['results']} ({s['eval']['costs_s'].get('total')} s); "
+              f"model card: {s['cards']['model_card']}; report: {s['cards']['report']}")
     for fmt, path in s.get("exports", {}).items():
         print(f"export ({fmt}): {path}")
     print("next:")
@@ -372,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="talk with a model in the terminal (/help lists the commands)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default=None, help="a model directory")
+    p.add_argument("--url", default=None, help="instead of --model: a running `candor serve`, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=None, help="the server's API key, with --url (also CANDOR_API_KEY)")
     p.add_argument("--system", default=None, help="the system prompt (/system TEXT changes it)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: generation_config.json)")
     p.add_argument("--temperature", type=float, default=None, help="0: greedy")
@@ -383,12 +446,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("eval", help="validation bits-per-byte of a model on a token directory")
+    _serve_parsers(sub)
+
+    p = sub.add_parser("eval", help="evaluate a model: bits per byte, tasks, HumanEval, bias probes, robustness")
     p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True)
-    p.add_argument("--tokens", type=int, default=262144, help="validation targets to score (default 262144)")
-    p.add_argument("--seq-len", type=int, default=0, help="window length (default 0: the model's context)")
+    p.add_argument("--data", default=None, help="held-out data: a token directory (its val split), a .jsonl, a text "
+                   "file or a directory; alone (without --tasks/--out): print validation bits per byte only")
+    p.add_argument("--tasks", default=None, help="comma-separated: lm, code, pycomplete, humaneval, bias, robustness, "
+                   "or task .yaml files (default: all of those)")
+    p.add_argument("--out", default=None, help="where results.json goes (default MODEL/eval)")
+    p.add_argument("--documents", default=None, help="the curated documents/ the model was trained on "
+                   "(code tasks come from its held-out files)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="the data.val_fraction the model was trained with")
+    p.add_argument("--humaneval-limit", type=int, default=0, help="first N HumanEval problems (default 0: all 164)")
+    p.add_argument("--samples", type=int, default=1, help="HumanEval samples per problem (1: greedy; >= 10: pass@10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokens", type=int, default=262144, help="held-out tokens to score (default 262144)")
+    p.add_argument("--seq-len", type=int, default=0, help="window length of the bits-per-byte-only mode "
+                   "(default 0: the model's context)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("card", help="MODEL_CARD.md (Hugging Face format) and report.md from a model's results.json")
+    p.add_argument("--model", required=True)
+    p.add_argument("--results", default=None, help="default MODEL/eval/results.json")
+    p.add_argument("--out", default=None, 
+                   help="the card's path (default MODEL/MODEL_CARD.md); report.md goes beside it")
+    p.add_argument("--name", default=None, help="the model's name in the card (default: the directory's name)")
+    p.set_defaults(func=cmd_card)
+
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with model type candor: "
+                   "candor lm-eval --model candor --model_args model=DIR --tasks T (the harness's flags)")
 
     p = sub.add_parser("export", help="write a model directory for transformers (Qwen3) or llama.cpp (GGUF)")
     p.add_argument("--model", required=True)
@@ -436,8 +523,45 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _serve_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible API server and a web chat for a model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed at start)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 (also CANDOR_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model)")
+    p.add_argument("--max-concurrency", type=int, default=64,
+                   help="requests held at once, running or queued; more get 429 (default 64)")
+    p.add_argument("--max-slots", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-model-len", type=int, default=0, help="context per sequence (default 0: the model's)")
+    p.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt in full")
+    p.add_argument("--speculative", type=int, default=0, help="prompt-lookup draft tokens for greedy requests (0: off)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="weights and KV cache (default: the model's; bfloat16 where the CPU runs it natively)")
+    p.add_argument("--compile", action="store_true", help="compile the one-token decode (~30-40 s at start)")
+    p.add_argument("--run-dir", default="runs/serve", help="where feedback.db is kept (default runs/serve)")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("feedback", help="the web chat's feedback as training data")
+    fsub = p.add_subparsers(dest="action", required=True)
+    e = fsub.add_parser("export", help="JSONL for `candor sft` (answers rated up) or `candor dpo` (preferences)")
+    e.add_argument("--format", required=True, choices=("sft", "dpo"))
+    e.add_argument("--run-dir", default="runs/serve", help="the server's --run-dir (default runs/serve)")
+    e.add_argument("--out", required=True, help="the JSONL file to write")
+    e.add_argument("--model-version", default=None, help="only feedback on this model version")
+    e.set_defaults(func=cmd_feedback)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lm-eval"]:  # the harness's own command line, with the `candor` model type registered
+        from candorlm.evaluate.harness import main as harness_main
+
+        harness_main(argv[1:])
+        return
     try:
         args = build_parser().parse_args(argv)
         args.func(args)

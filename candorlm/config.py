@@ -437,6 +437,33 @@ class DPOConfig(Section):
     lora_targets: list = field(default_factory=lambda: list(LORA_TARGETS))
 
 
+EVAL_TASKS = ("lm", "code", "pycomplete", "humaneval", "bias", "robustness")
+
+
+@dataclass
+class EvalConfig(Section):
+    """`candor run`'s evaluation stage (candorlm/evaluate/suite.py), sized for the demo's budget:
+    fewer items than `candor eval` takes by default. The model card is written from its results."""
+
+    section: ClassVar[str] = "eval"
+    tasks: Annotated[str, "(comma-separated, of lm, code, pycomplete, humaneval, bias, robustness; none: skip "
+                          "the evaluation and the cards)"] = ",".join(EVAL_TASKS)
+    lm_tokens: Annotated[int, ">= 1"] = 16384
+    code_items: Annotated[int, ">= 1"] = 60
+    generate_items: Annotated[int, ">= 1"] = 12  # generations per generative code task (and pycomplete)
+    humaneval_limit: Annotated[int, ">= 0 (0: all 164)"] = 20
+    humaneval_samples: Annotated[int, ">= 1 (1: greedy pass@1; >= 10 adds pass@10)"] = 1
+    max_new_tokens: Annotated[int, ">= 1"] = 64
+    robustness_items: Annotated[int, ">= 1"] = 24
+
+    def task_list(self) -> list[str]:
+        return [] if self.tasks.strip() == "none" else [t.strip() for t in self.tasks.split(",") if t.strip()]
+
+    def rules(self):
+        for t in self.task_list():
+            yield t in EVAL_TASKS, f"eval.tasks={self.tasks!r}: {t!r} is not one of {', '.join(EVAL_TASKS)} (or none)"
+
+
 @dataclass
 class RunConfig:
     name: str = "demo"
@@ -451,6 +478,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -530,7 +558,7 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-SECTIONS = ("model", "train", "tokenizer", "data", "curate", "export", "sft", "dpo")
+SECTIONS = ("model", "train", "tokenizer", "data", "curate", "export", "sft", "dpo", "eval")
 
 
 def apply_override(cfg: RunConfig, key: str, value) -> None:
@@ -588,7 +616,7 @@ def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] |
         cfg.model.max_seq_len = cfg.train.seq_len
     cfg.tokenizer.check()
     cfg.model = cfg.model.resolved()
-    for sec in ("train", "data", "curate", "export", "sft", "dpo"):
+    for sec in ("train", "data", "curate", "export", "sft", "dpo", "eval"):
         getattr(cfg, sec).check()
     return cfg
 

@@ -140,6 +140,15 @@ def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, prom
         t0 = time.perf_counter()
         summary["exports"] = export_stage(cfg, base_dir, root / "export", train_fp, force)
         timings["export"] = time.perf_counter() - t0
+    if cfg.eval.task_list():
+        t0 = time.perf_counter()
+        results = eval_stage(cfg, root, force)
+        summary["eval"] = {"model": results["model"], "results": str(root / "eval" / "results.json"),
+                           "costs_s": results["costs_s"]}
+        timings["eval"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        summary["cards"] = card_stage(cfg, root, force)
+        timings["cards"] = time.perf_counter() - t0
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     atomic_write_json(root / "summary.json", summary)
     say(f"[5/5] val bits-per-byte {result['val_bpb']:.4f}")
@@ -230,6 +239,60 @@ def export_stage(cfg: RunConfig, base_dir: Path, out_dir: Path, model_fp: str, f
             say(f"[export] {path} is current; skipped")
         out[fmt] = str(path)
     return out
+
+
+EVAL_VERSION = 1  # bump when the suite's output changes, so `candor run` evaluates again
+
+
+def evaluated_model(root: Path) -> Path:
+    """The model the run's evaluation and card describe: the post-trained chat model when the
+    run has one, else the base model."""
+    chat = Path(root) / "chat"
+    return chat if (chat / "model.safetensors").is_file() else Path(root) / "base"
+
+
+def eval_stage(cfg: RunConfig, root: Path, force: bool = False) -> dict:
+    """root/eval/results.json for `evaluated_model(root)` (evaluate/suite.py: held-out bits per
+    byte on the run's validation split, code tasks from its held-out files, pycomplete, HumanEval,
+    bias probes, robustness, as cfg.eval asks); skipped when made from the same model and settings.
+    Returns the results."""
+    from candorlm.evaluate.suite import evaluate_model
+    from candorlm.stage import recorded
+
+    model_dir, out = evaluated_model(root), Path(root) / "eval"
+    e = cfg.eval
+    settings = {"tasks": e.task_list(), "lm_tokens": e.lm_tokens, "code_items": e.code_items,
+                "generate_items": e.generate_items, "humaneval_limit": e.humaneval_limit or None,
+                "humaneval_samples": e.humaneval_samples, "max_new_tokens": e.max_new_tokens,
+                "robustness_items": e.robustness_items}
+    fp = _fp(recorded(model_dir), model_dir.name, settings, cfg.data.val_fraction, EVAL_VERSION)
+    if force or not is_current(out, fp, ["results.json"]):
+        say(f"[eval] evaluating {model_dir} -> {out}")
+        evaluate_model(model_dir, out, data=Path(root) / "tokens", documents=Path(root) / "data" / "documents",
+                       val_fraction=cfg.data.val_fraction, **settings)
+        mark_current(out, fp)
+    else:
+        say(f"[eval] {out} is current; skipped")
+    return json.loads((out / "results.json").read_text())
+
+
+def card_stage(cfg: RunConfig, root: Path, force: bool = False) -> dict[str, str]:
+    """root/MODEL_CARD.md and root/report.md (charts in root/eval/) from root/eval/results.json."""
+    from candorlm.report.model_card import write_model_card
+    from candorlm.report.run_report import write_report
+    from candorlm.stage import recorded
+
+    root = Path(root)
+    fp = _fp(recorded(root / "eval"), cfg.name, EVAL_VERSION)
+    paths = {"model_card": str(root / "MODEL_CARD.md"), "report": str(root / "report.md")}
+    if force or not is_current(root, fp, ["MODEL_CARD.md", "report.md"], record="cards.stage.json"):
+        res = json.loads((root / "eval" / "results.json").read_text())
+        write_model_card(root / "MODEL_CARD.md", res, name=f"candorlm-{cfg.name}")
+        write_report(root, res, {"pretrain": root / "base" / "log.jsonl", "chat": root / "chat" / "log.jsonl"},
+                     name=cfg.name)
+        mark_current(root, fp, record="cards.stage.json")
+        say(f"[card] {root / 'MODEL_CARD.md'}, {root / 'report.md'}")
+    return paths
 
 
 def _take_bytes(texts, limit: int):

@@ -120,6 +120,36 @@ def train_micro(tokens: Path, tokenizer: Path, out: Path, steps: int, *extra: tu
 
 
 @pytest.fixture(scope="session")
+def eval_model(micro_tokens, micro_tokenizer, tmp_path_factory) -> Path:
+    """A micro model directory trained 30 steps on the micro corpus: for the evaluation tests."""
+    return train_micro(micro_tokens, micro_tokenizer, tmp_path_factory.mktemp("eval_model") / "base", 30)
+
+
+API_KEY = "test-key-123"
+
+
+@pytest.fixture(scope="session")
+def chat_model(micro_tokenizer, tmp_path_factory) -> Path:
+    """A random-weight micro model directory with a 4,096-token context whose greedy answers
+    never end on their own: the embedding rows of the special tokens are zero, so their logits
+    are 0 while greedy decoding takes a positive maximum over ~500 random ones."""
+    import torch
+
+    from candorlm.model.io import write_model_files
+    from candorlm.model.transformer import Transformer
+    from candorlm.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(micro_tokenizer)
+    torch.manual_seed(0)
+    model = Transformer(micro_config(("model.vocab_size", str(tok.vocab_size)), ("model.max_seq_len", "4096")).model)
+    with torch.no_grad():
+        model.embed.weight[:len(tok.special_ids)] = 0
+    out = tmp_path_factory.mktemp("served") / "chat"
+    write_model_files(out, model, micro_tokenizer)
+    return out
+
+
+@pytest.fixture(scope="session")
 def micro_instructions(micro_docs, micro_tokens, tmp_path_factory) -> Path:
     """The instruction set mined from the micro corpus: train.jsonl, validation.jsonl, stats.json."""
     from candorlm.tune.mine import write_instructions
@@ -127,6 +157,20 @@ def micro_instructions(micro_docs, micro_tokens, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("instructions") / "instructions"
     write_instructions(micro_docs, out, tokens_dir=micro_tokens)
     return out
+
+
+@pytest.fixture(scope="session")
+def server(chat_model, tmp_path_factory):
+    """One `candor serve` of chat_model for every test that talks to a server (its start costs
+    ~15 s on 2 cores): API key API_KEY, feedback in `server.run_dir`."""
+    from helpers import ServerProcess
+
+    run_dir = tmp_path_factory.mktemp("serve_run")
+    s = ServerProcess(chat_model, "--api-key", API_KEY, "--run-dir", str(run_dir), "--max-concurrency", "20",
+                      "--max-body-bytes", "262144", "--served-model-name", "micro-chat")
+    s.run_dir, s.name = run_dir, "micro-chat"
+    yield s
+    s.close()
 
 
 @pytest.fixture(scope="session")

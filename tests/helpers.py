@@ -73,3 +73,57 @@ def cli_error(capsys, *argv: str) -> str:
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("candor: error: ") and err.count("\n") == 1, err
     return err
+
+
+class ServerProcess:
+    """`candor serve --port 0 ...` as a subprocess: the address it printed, and stopping it.
+    Waits until /health answers 200 (the model is loaded)."""
+
+    def __init__(self, model_dir, *args: str, timeout: float = 300):
+        import os
+        import subprocess
+        import sys
+        import threading
+        import time
+
+        import httpx
+
+        env = {**os.environ, "PYTHONPATH": os.environ.get("PYTHONPATH", os.getcwd())}
+        self.proc = subprocess.Popen([sys.executable, "-m", "candorlm", "serve", "--model", str(model_dir),
+                                      "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
+        self.output: list[str] = []
+        self.url = None
+        found = threading.Event()
+
+        def drain():  # read every line, so a chatty server never blocks on a full pipe
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if self.url is None and "listening on http://" in line:
+                    self.url = line.split("listening on ")[1].split()[0]
+                    found.set()
+            found.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        found.wait(timeout)
+        while self.url is not None and self.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError(f"candor serve did not become healthy: {''.join(self.output)[-2000:]}")
+
+    def close(self) -> None:
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -10,6 +10,11 @@ import pytest
 from conftest import MICRO, MODULES
 from helpers import candor
 
+# the run's evaluation on a few items of each kind
+EVAL = [("eval.humaneval_limit", "2"), ("eval.generate_items", "2"), ("eval.code_items", "8"),
+        ("eval.max_new_tokens", "8"), ("eval.robustness_items", "4"), ("eval.lm_tokens", "1024")]
+
+
 
 def sets(pairs):
     out = []
@@ -30,6 +35,10 @@ def sets(pairs):
     ["pretrain", "--data", "d", "--tokenizer", "t", "--out", "o", "--set", "train.dtype=fp8"],
     ["data", "--source", "stdlib", "--out", "x", "--workers", "-1"],
     ["eval", "--model", "m", "--data", "d", "--seq-len", "-5"],
+    ["eval", "--model", "m"],
+    ["eval", "--model", "m", "--tasks", "lm,nosuch"],
+    ["card", "--model", "no/model"],
+    ["run", "--set", "eval.tasks=lm,nosuch"],
 ])
 def test_bad_input_is_one_line_and_exit_2(cmd, tmp_path):
     r = candor(*cmd, cwd=tmp_path)
@@ -58,7 +67,7 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     tune = [("model.max_seq_len", "256"), ("sft.max_steps", "4"), ("sft.batch_size", "4"), ("sft.eval_prompts", "2"),
             ("sft.eval_examples", "8")]  # a context the mined chats fit in
     args = ["run", "--name", "micro", "--source", str(corpus), "--runs-dir", str(tmp_path / "runs"),
-            "--set", "tokenizer.vocab_size=512", *sets(MICRO + tune)]
+            "--set", "tokenizer.vocab_size=512", *sets(MICRO + tune), *sets(EVAL)]
     r = candor(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "val bits-per-byte" in r.stdout
@@ -79,6 +88,9 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     assert sft["measured"]["write_function"]["prompts"] == 2 and len(sft["exchange"]) == 2
     assert "held-out instruction loss" in r.stderr and "two turns with the chat model" in r.stdout
     assert r.stdout.count(">>> ") == 2
+    # the evaluation and the cards (tests/test_eval_card.py checks what they hold)
+    assert json.loads((run / "eval" / "results.json").read_text())["humaneval"]["problems"] == 2
+    assert (run / "MODEL_CARD.md").is_file() and (run / "report.md").is_file() and "model card:" in r.stdout
 
     import candorlm
 
@@ -110,7 +122,8 @@ def test_run_end_to_end_then_skips(corpus, tmp_path):
     weights = (run / "base" / "model.safetensors").read_bytes()
     r2 = candor(*args)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert r2.stderr.count("is current; skipped") == 6, r2.stderr
+    # data, tokenizer, tokens, base, instructions, chat, eval
+    assert r2.stderr.count("is current; skipped") == 7, r2.stderr
     assert (run / "base" / "model.safetensors").read_bytes() == weights
 
     # a changed training setting redoes pretraining only, into a clean model directory

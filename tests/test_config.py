@@ -15,6 +15,7 @@ from candorlm.config import (
     PRESETS,
     CurateConfig,
     DataConfig,
+    EvalConfig,
     GenerationConfig,
     ModelConfig,
     TokenizerConfig,
@@ -26,7 +27,7 @@ from candorlm.config import (
 from candorlm.errors import CandorError
 from candorlm.fields import _LOWER, _RANGE, hints
 
-SECTIONS = [ModelConfig, TrainConfig, TokenizerConfig, DataConfig, CurateConfig, GenerationConfig]
+SECTIONS = [ModelConfig, TrainConfig, TokenizerConfig, DataConfig, CurateConfig, GenerationConfig, EvalConfig]
 
 
 def _outside(f) -> object | None:

@@ -85,3 +85,24 @@ def test_a_malformed_line_is_one_error_and_nothing_is_written(micro_chat_base, p
     bad.write_text("\n".join(lines[:6] + ['{"prompt": "p", "chosen": "a"}'] + lines[6:]) + "\n")
     err = cli_error(capsys, "dpo", "--model", str(micro_chat_base), "--pairs", str(bad), "--out", str(tmp_path / "o"))
     assert f"{bad}:7:" in err and "rejected" in err and not (tmp_path / "o").exists()
+
+
+def test_dpo_resume_is_exact_with_the_base_as_reference(micro_chat_base, pairs, tmp_path):
+    """A resumed run loads the trained weights after computing the reference from --model, so it
+    ends where an uninterrupted run does (a reference taken from the checkpoint would not)."""
+    from safetensors.torch import load_file
+
+    from helpers import assert_resumed
+
+    def run(out, **kw):
+        settings = tune_config(("dpo.max_steps", "6"), ("dpo.lr", "1e-3"), ("dpo.log_every", "1"),
+                               ("dpo.eval_every", "0"))
+        return dpo(micro_chat_base, pairs, tmp_path / out, settings, quiet=True, **kw)
+
+    full = run("full")
+    assert run("part", stop_at_step=3)["interrupted"]
+    res = run("part", resume=True)
+    assert_resumed(tmp_path / "part", 3, 6)
+    assert res["val_margin"] == full["val_margin"]
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("full", "part"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

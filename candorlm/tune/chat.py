@@ -1,5 +1,6 @@
 """`candor chat --model DIR`: a multi-turn conversation with a model in the terminal, the
-answer streamed as it is generated. No server, no batching (serve/ does those).
+answer streamed as it is generated. No server, no batching (serve/ does those); with
+`--url URL` the model is a running `candor serve` (tune/remote.py) and the rest is the same.
 
 Commands: /reset, /system TEXT, /save FILE, /help, /exit. Ctrl-C while the model answers
 stops the answer and keeps the conversation; at the prompt, a Ctrl-C right after another one
@@ -158,11 +159,14 @@ def _command(chat: Chat, line: str, out) -> bool:
     return True
 
 
-def run_chat(model_dir: str | Path, system: str | None = None, max_new_tokens: int | None = None,
-             input_fn: Callable[[str], str] = input, out=None, **sampling) -> None:
-    """The terminal loop of `candor chat` (see the module docstring). sampling: temperature,
-    top_k, top_p, seed, repetition_penalty; None takes the model's generation_config.json."""
+def run_chat(model_dir: str | Path | None, system: str | None = None, max_new_tokens: int | None = None,
+             input_fn: Callable[[str], str] = input, out=None, url: str | None = None, api_key: str | None = None,
+             **sampling) -> None:
+    """The terminal loop of `candor chat` (see the module docstring), with the model directory
+    `model_dir`, or with the server at `url` (tune/remote.py; api_key for its /v1). sampling:
+    temperature, top_k, top_p, seed, repetition_penalty; None takes the model's generation_config.json."""
     from candorlm.api import load
+    from candorlm.tune.remote import RemoteModel
 
     out = out or sys.stdout
     if threading.current_thread() is threading.main_thread():
@@ -175,8 +179,9 @@ def run_chat(model_dir: str | Path, system: str | None = None, max_new_tokens: i
             import readline  # noqa: F401  line editing and history for input()
         except ImportError:
             pass
-    chat = Chat(load(model_dir), system, max_new_tokens, **{k: v for k, v in sampling.items() if v is not None})
-    out.write(f"[chatting with {model_dir}, a {chat.max_len}-token context; /help lists the commands]\n")
+    model = RemoteModel(url, api_key) if url else load(model_dir)
+    chat = Chat(model, system, max_new_tokens, **{k: v for k, v in sampling.items() if v is not None})
+    out.write(f"[chatting with {url or model_dir}, a {chat.max_len}-token context; /help lists the commands]\n")
     out.flush()
     interrupted = False  # the last event was a Ctrl-C: another one at the prompt leaves
 
