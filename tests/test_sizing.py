@@ -167,7 +167,7 @@ def source_dir(tmp_path_factory) -> Path:
 SMALL = ["--set", "train.dtype=fp32", "--set", "train.time_budget_s=2", "--set", "train.seq_len=64",
          "--set", "train.max_steps=3", "--set", "train.compile=false", "--set", "train.eval_tokens=1024",
          "--set", "curate.workers=1", "--set", "sft.max_steps=2", "--set", "sft.batch_size=2",
-         "--set", "sft.eval_prompts=1", "--set", "sft.eval_examples=4"]
+         "--set", "sft.eval_prompts=1", "--set", "sft.eval_examples=4", "--set", "eval.tasks=none"]
 
 
 def test_candor_run_records_the_decision_and_a_rerun_reproduces_it_without_measuring(source_dir, tmp_path,
