@@ -406,6 +406,8 @@ def cmd_compare(args) -> None:
         a = (auto.model.n_layers, auto.tokenizer.vocab_size, auto.train.batch_size)
         say(sizing.explain(auto.sizing))
         for name, shape in (("cpu-tiny", REF), ("auto", a)):
+            if name not in args.presets.split(","):
+                continue
             steps = steps_for(shape, budgets[budget_name], times)
             res = run_steps(shape, [steps], path, f"cmp-{name}", compile_=True, prompt=args.prompt)[steps]
             rows.append({"path": path, "budget": budget_name, "budget_s": round(budget_s, 1), "preset": name,
@@ -441,6 +443,9 @@ def main() -> None:
                     help="the zen4 budget in cpu-tiny bf16 steps")
     ap.add_argument("--precision", default="bf16", help="calibrate: the training precision of the runs")
     ap.add_argument("--paths", default="fp32,bf16", help="compare: which paths")
+    ap.add_argument("--presets", default="cpu-tiny,auto",
+                    help="compare: which of cpu-tiny and auto to train (one each in two processes, "
+                         "OMP_NUM_THREADS=1, runs them side by side)")
     ap.add_argument("--prompt", default="class", help="compare: the prompt of the greedy completion printed")
     args = ap.parse_args()
     try:
