@@ -17,15 +17,17 @@ from candorlm.errors import CandorError
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     from candorlm.config import PRESETS
 
-    p.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)} (default cpu-tiny)")
+    p.add_argument("--preset", default="cpu-tiny",
+                   help=f"one of {', '.join(PRESETS)} (default cpu-tiny: the demo's fixed shape; auto: cpu-tiny's "
+                        "run with the model sized to this machine's compute and the time budget)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", default=[],
                    help="override any setting, e.g. --set train.max_steps=100 (repeatable)")
 
 
-def _config(args, name: str = "demo"):
+def _config(args, name: str = "demo", measurement: dict | None = None, known: dict | None = None):
     from candorlm.config import build_config, parse_set_args
 
-    return build_config(args.preset, parse_set_args(args.set), name=name)
+    return build_config(args.preset, parse_set_args(args.set), name=name, measurement=measurement, known=known)
 
 
 def add_section_flags(p: argparse.ArgumentParser, cls, title: str, description: str = "") -> None:
@@ -96,15 +98,30 @@ def cmd_tokenize(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
+    from candorlm import sizing
     from candorlm.train.loop import pretrain, threads_default
 
     threads_default()
-    cfg = _config(args)
+    # preset auto: the vocabulary is the tokenizer's; a resumed run derives its shape from the
+    # measurement its checkpoint recorded, not from a new one
+    tok_file = os.path.join(args.tokenizer, "tokenizer.json")
+    known = {"tokenizer.vocab_size": _vocab_size(tok_file)} if os.path.isfile(tok_file) else None
+    saved = os.path.join(args.out, "train_state", "run_config.json")
+    recorded = sizing.recorded_measurement(saved) if args.resume else None
+    cfg = _config(args, measurement=recorded, known=known)
+    if cfg.sizing and int(os.environ.get("RANK", "0")) == 0:
+        print(sizing.explain(cfg.sizing), file=sys.stderr)
     result = pretrain(args.data, args.tokenizer, args.out, cfg, resume=args.resume)
     if result.get("interrupted"):
         sys.exit(130)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, not one per rank
         print(json.dumps({k: result[k] for k in ("step", "val_bpb", "tok_s", "mfu")}))
+
+
+def _vocab_size(tokenizer_file: str) -> int:
+    from candorlm.tokenizer import Tokenizer
+
+    return Tokenizer.load(os.path.dirname(tokenizer_file)).vocab_size
 
 
 def _tune_config(args, section: str):
@@ -306,11 +323,13 @@ def cmd_prune(args) -> None:
 
 
 def cmd_run(args) -> None:
-    from candorlm import pipeline
+    from candorlm import pipeline, sizing
     from candorlm.train.loop import threads_default
 
     threads_default()
-    cfg = _config(args, name=args.name)
+    # preset auto: a rerun (or a resume) sizes from the measurement the run recorded; --force measures again
+    record = os.path.join(args.runs_dir, args.name, sizing.RECORD)
+    cfg = _config(args, name=args.name, measurement=None if args.force else sizing.recorded_measurement(record))
     cfg.data.source = args.source
     s = pipeline.run(cfg, runs_dir=args.runs_dir, force=args.force, prompt=args.prompt)
     if s.get("interrupted"):

@@ -468,6 +468,8 @@ class EvalConfig(Section):
 class RunConfig:
     name: str = "demo"
     preset: str = "cpu-tiny"
+    # preset auto: how the shape was derived (candorlm/sizing.py), kept with every checkpoint
+    sizing: dict = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -508,7 +510,16 @@ def describe_shape(m: ModelConfig) -> str:
 
 # Presets: each is a set of overrides on the defaults above; batch and schedule follow from the
 # compute budget.
+AUTO = "auto"
+_DEMO_RUN = {"model.max_seq_len": 256, "train.seq_len": 256, "train.max_steps": 100000,
+             "train.time_budget_s": 480.0, "train.eval_every": 250, "train.save_every": 500, "train.compile": True,
+             "sft.time_budget_s": 120.0}
 PRESETS: dict[str, dict[str, object]] = {
+    # cpu-tiny's run (sequence, budgets, schedule, compile), with the depth, width, heads,
+    # vocabulary and batch derived from the FLOPs the budget buys on this machine
+    # (candorlm/sizing.py; build_config fills them in). Not the default: measured better than
+    # cpu-tiny on the fp32 path, not yet measured on the bf16 path (docs/benchmarks.md "Sizing").
+    AUTO: dict(_DEMO_RUN),
     # Sized so `make demo` (set-up + curate + tokenizer + pretrain + eval + mining + SFT +
     # base-vs-chat measurement) fits 15 min on 2 cores: the time budgets fix the step counts
     # after 6 timed steps (docs/benchmarks.md has the measured wall time of a fresh clone's
@@ -517,11 +528,8 @@ PRESETS: dict[str, dict[str, object]] = {
     # torch.compile: 0.44-0.47 s vs 0.60-0.62 s per step after ~30 s of compiling
     # (bench/train_throughput.py), so it pays for itself in under 2 min.
     "cpu-tiny": {
-        **shape_for_depth(4), "model.n_kv_heads": 2,
-        "model.max_seq_len": 256, "tokenizer.vocab_size": 8192,
-        "train.seq_len": 256, "train.batch_size": 32, "train.max_steps": 100000,
-        "train.time_budget_s": 480.0, "train.eval_every": 250, "train.save_every": 500,
-        "train.compile": True, "sft.time_budget_s": 120.0,
+        **shape_for_depth(4), "model.n_kv_heads": 2, "tokenizer.vocab_size": 8192, "train.batch_size": 32,
+        **_DEMO_RUN,
     },
     "cpu-small": {
         **shape_for_depth(6), "model.n_kv_heads": 2,
@@ -577,8 +585,12 @@ def parse_set_args(items: list[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] | None = None,
-                 name: str = "demo") -> RunConfig:
+def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] | None = None, name: str = "demo",
+                 measurement: dict | None = None, known: dict | None = None) -> RunConfig:
+    """The run's settings: the preset's, then the overrides (which win). Preset auto derives its
+    shape (candorlm/sizing.py) from `measurement` (a recorded one; None: measure now), keeping
+    the derived settings that the overrides or `known` (e.g. an existing tokenizer's
+    tokenizer.vocab_size) fix."""
     if preset not in PRESETS:
         raise CandorError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     cfg = RunConfig(name=name, preset=preset)
@@ -586,6 +598,16 @@ def build_config(preset: str = "cpu-tiny", overrides: list[tuple[str, object]] |
         apply_override(cfg, k, v)
     for k, v in overrides or []:
         apply_override(cfg, k, v)
+    if preset == AUTO:
+        from candorlm import sizing
+
+        set_keys = {k for k, _ in overrides or []}
+        given = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in sizing.DERIVED if k in set_keys}
+        given.update({k: v for k, v in (known or {}).items() if k not in given})
+        cfg.train.check()
+        cfg.sizing = sizing.decide(cfg, given, measurement)
+        for k, v in {**cfg.sizing["derived"], **given}.items():
+            apply_override(cfg, k, v)
     # The model's vocabulary is the tokenizer's unless set on its own (pretrain sets it from
     # the trained tokenizer, which may be smaller than asked on a small corpus).
     if not any(k == "model.vocab_size" for k, _ in overrides or []):

@@ -47,6 +47,12 @@ def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, prom
     root.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     summary: dict = {"run_dir": str(root)}
+    if cfg.sizing:  # preset auto: the shape was decided before the tokenizer's vocabulary is
+        from candorlm.sizing import RECORD, explain
+
+        say(explain(cfg.sizing))
+        atomic_write_json(root / RECORD, cfg.sizing)
+        summary["sizing"] = cfg.sizing.get("derived", {})
 
     # 1. curate
     t0 = time.perf_counter()

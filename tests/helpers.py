@@ -1,5 +1,5 @@
-"""Helpers shared by the tests: the `candor` command in a subprocess, a run's log.jsonl, and
-which process in it ran which steps."""
+"""Helpers shared by the tests: the `candor` command in a subprocess, a run's log.jsonl, which
+process in it ran which steps, and two model directories' weights compared bit for bit."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 
 def candor(*args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
@@ -49,6 +51,17 @@ def assert_resumed(out: Path, at: int, end: int) -> None:
     assert saved and saved[-1]["optimizer_norm"] > 0, f"no checkpoint with optimizer states saved at step {at}"
     assert start["optimizer_norm"] == pytest.approx(saved[-1]["optimizer_norm"], rel=1e-6), \
         f"the resumed optimizer states (norm {start['optimizer_norm']}) are not the saved ones ({saved[-1]})"
+
+
+def weights(d: Path) -> dict:
+    return load_file(str(Path(d) / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
 
 
 def cli_error(capsys, *argv: str) -> str:

@@ -16,12 +16,13 @@ import candorlm
 
 ROOT = Path(candorlm.__file__).parent
 
-# Top-level name under candorlm/ -> layer (higher imports lower). `report` renders cards from
+# Top-level name under candorlm/ -> layer (higher imports lower). `sizing` (preset auto's shape,
+# from the config and the device's measured rate) sits with them. `report` renders cards from
 # artifacts and sits beside data/, whose curation stage writes its data card with it; `api`
 # (a loaded model that generates) and `generation` are the inference stage, which cli,
 # pipeline and other stages (tune's chat) use.
 LAYERS = {
-    "config": 0, "device": 0, "errors": 0, "fileio": 0, "fields": 0, "stage": 0,
+    "config": 0, "device": 0, "sizing": 0, "errors": 0, "fileio": 0, "fields": 0, "stage": 0,
     "model": 1, "tokenizer": 1, "data": 1, "report": 1,
     "distributed": 2,
     "train": 3, "tune": 3, "serve": 3, "evaluate": 3, "export": 3, "compress": 3, "generation": 3, "api": 3,

@@ -11,23 +11,11 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from candorlm.errors import CandorError
 from candorlm.train.loop import pretrain
 from conftest import micro_config
-from helpers import assert_resumed, processes, read_log
-
-
-def weights(d):
-    return load_file(str(d / "model.safetensors"))
-
-
-def assert_same_weights(a, b):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+from helpers import assert_resumed, assert_same_weights, processes, read_log, weights
 
 
 @pytest.mark.parametrize("optimizer", ["muon", "adamw"])
