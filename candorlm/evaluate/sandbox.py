@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,7 @@ class Outcome:
 
 def _limits(cpu_s: int, memory_mb: int):
     def apply():
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))  # SIGXCPU at cpu_s, SIGKILL a second later
         mem = memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 2**20, 16 * 2**20))
@@ -76,5 +77,7 @@ def run_program(program: str, timeout_s: float = TIMEOUT_S, memory_mb: int = MEM
             return Outcome(False, "timed out")
     if p.returncode == 0:
         return Outcome(True, "passed")
+    if p.returncode == -signal.SIGXCPU:  # the CPU-time limit fired before the wall clock's
+        return Outcome(False, "timed out")
     tail = p.stderr.decode("utf-8", "replace").strip().splitlines()
     return Outcome(False, "failed", tail[-1][:200] if tail else f"exit status {p.returncode}")
