@@ -4,6 +4,7 @@ with all three request types, and its log-likelihoods equal the task runner's on
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,14 +67,19 @@ def test_lm_eval_runs_local_tasks_and_agrees_with_the_task_runner(eval_model, tm
     assert [s["resps"][0][0] for s in gen] == [scorer.generate(it["q"], until=["\n"], max_new_tokens=8) for it in ITEMS]
 
 
-def test_the_lm_eval_command_line_finds_the_candor_model(eval_model, tmp_path):
+@pytest.mark.parametrize("command", ["lm_eval", "candor lm-eval"])
+def test_the_lm_eval_command_line_finds_the_candor_model(eval_model, tmp_path, command):
+    """The harness's own `lm_eval` script (the installed candorlm-lm-eval.pth registers the model
+    type when the harness imports its registry) and `candor lm-eval` alike."""
     if lm_eval is None:
         from conftest import missing
 
         missing("lm-eval")
     write_tasks(tmp_path)
-    p = subprocess.run([sys.executable, "-m", "candorlm", "lm-eval", "--model", "candor", "--model_args",
-                        f"model={eval_model}", "--tasks", "candor_mc", "--include_path", str(tmp_path),
-                        "--output_path", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    argv = ([str(Path(sys.executable).parent / "lm_eval")] if command == "lm_eval"
+            else [sys.executable, "-m", "candorlm", "lm-eval"])
+    p = subprocess.run([*argv, "--model", "candor", "--model_args", f"model={eval_model}", "--tasks", "candor_mc",
+                        "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "candor_mc" in p.stdout and "acc" in p.stdout

@@ -26,7 +26,7 @@ LAYERS = {
     "model": 1, "tokenizer": 1, "data": 1, "report": 1,
     "distributed": 2,
     "train": 3, "tune": 3, "serve": 3, "evaluate": 3, "export": 3, "compress": 3, "generation": 3, "api": 3,
-    "cli": 4, "pipeline": 4, "__main__": 4, "__init__": 4,
+    "cli": 4, "pipeline": 4, "__main__": 4, "__init__": 4, "lm_eval_plugin": 4,
 }
 
 

@@ -2,13 +2,13 @@
 candorlm model directory through evaluate/scoring.py (the scorer the task runner uses, so the
 two give the same log-likelihoods for the same requests).
 
-    candor lm-eval --model candor --model_args model=runs/demo/base --tasks TASKS [harness flags]
-    python -m candorlm.evaluate.harness --model candor --model_args model=DIR --tasks ...
+    lm_eval --model candor --model_args model=runs/demo/base --tasks TASKS [harness flags]
+    candor lm-eval --model candor --model_args model=DIR --tasks TASKS   (the same, through candor)
     import candorlm.evaluate.harness; lm_eval.simple_evaluate(model="candor", model_args="model=DIR", ...)
 
-The harness (0.4) finds models only in its own registry, and its `lm_eval` script imports no
-plugins, so importing this module is what registers `candor`; the commands above do that and
-then run the harness's own command line with the arguments unchanged.
+The harness (0.4) finds models only in its own registry and loads no plugins: the installed
+`candorlm-lm-eval.pth` registers `candor` there as a lazy placeholder when the harness imports
+its registry (candorlm/lm_eval_plugin.py), and importing this module registers it directly.
 
 model_args: model (the directory), device (cpu; cuda where available), precision (auto, fp32, bf16). Requests:
 loglikelihood (context, continuation), loglikelihood_rolling (the text after <|bos|>, in
