@@ -88,6 +88,40 @@ def test_sixteen_concurrent_greedy_requests_joining_at_different_times(lm):
         assert seqs[0]["ids"] == reference(lm, p, 10 + i, temperature=0), f"request {i}"
 
 
+def test_a_request_that_fails_while_sampling_fails_alone(lm):
+    """An error in one request's sampling (here its sampler raises on the 3rd token) reaches that
+    request's reader; the others in the batch finish with the output they have alone, and the
+    engine serves the next request normally."""
+    ps = prompts(lm, 4)
+    engine = Engine(lm, max_slots=4)
+    handles = [engine.submit(p, SamplingParams(max_tokens=8, temperature=0)) for p in ps]
+    bad = engine._inbox[-1]
+    sampler, calls = bad.seqs[0].sampler, []
+
+    def observe(t, orig=sampler.observe):
+        calls.append(t)
+        if len(calls) == 3:
+            raise RuntimeError("grammar rejected the token")
+        orig(t)
+
+    sampler.observe = observe
+    while not all(h.finished for h in handles):
+        engine.step()
+    with pytest.raises(RuntimeError, match="grammar rejected"):
+        list(handles[3])
+    for p, h in zip(ps[:3], handles[:3], strict=True):
+        assert [ev.token_id for ev in h] == reference(lm, p, 8, temperature=0)
+    assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+    again = engine.submit(ps[3], SamplingParams(max_tokens=8, temperature=0))
+    assert [ev.token_id for ev in run_events(engine, again)] == reference(lm, ps[3], 8, temperature=0)
+
+
+def run_events(engine: Engine, handle) -> list:
+    while not handle.finished:
+        engine.step()
+    return list(handle)
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_batch(lm):
     ps = prompts(lm, 8)
     settings = dict(temperature=0.9, top_k=40, top_p=0.9)

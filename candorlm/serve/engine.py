@@ -322,17 +322,24 @@ class Engine:
             picks = logits.argmax(dim=-1).tolist()
         for p in plan:
             seg, toks, r, s = p
+            if r.handle.finished:  # failed earlier in this step
+                continue
             lo, hi = at[id(p)], at[id(p)] + _rows(seg)
             rows, fast = logits[lo:hi], picks[lo:hi]
-            if s is None:  # a prefill chunk
-                r.seqs[0].computed += seg.length
-                if seg.logits == "last":
-                    self._start(r, rows, fast)
-            else:
-                self._decode(r, s, toks, rows, fast)
+            try:
+                if s is None:  # a prefill chunk
+                    r.seqs[0].computed += seg.length
+                    if seg.logits == "last":
+                        self._start(r, rows, fast)
+                else:
+                    self._decode(r, s, toks, rows, fast)
+            except Exception as e:  # noqa: BLE001 - one request's sampling (its grammar, its processors) fails it alone
+                self._release(r)
+                r.handle._finish(e)
         for r in admitted:
             self._waiting.remove(r)
             self._running.append(r)
+        self._waiting = [r for r in self._waiting if not r.handle.finished]
         self._running = [r for r in self._running if not r.handle.finished]
 
     def _start(self, r: _Request, rows: torch.Tensor, fast: list) -> None:
