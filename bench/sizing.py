@@ -395,7 +395,8 @@ def cmd_compare(args) -> None:
     threads_default()
     times = load_times()
     budgets = budget_steps(times, args)
-    rate = {**times["rates"], **({"fp32": args.fp32_rate * 1e9} if args.fp32_rate else {})}
+    rate = {**times["rates"], **({"fp32": args.fp32_rate * 1e9} if args.fp32_rate else {}),
+            **({"bf16": args.bf16_rate * 1e9} if args.bf16_rate else {})}
     rows = []
     for path, (budget_name, budget_s) in {"fp32": ("zen3", DEMO_S * ZEN3_FLOPS / rate["fp32"]),
                                           "bf16": ("zen4", DEMO_S)}.items():
@@ -439,6 +440,9 @@ def main() -> None:
     ap.add_argument("--fp32-rate", type=float, default=0.0,
                     help="this machine's fp32 matmul rate in GFLOP/s for the zen3 budget (0: the one `time` measured; "
                          "give a quiet measurement when `time` ran beside a neighbour's burst)")
+    ap.add_argument("--bf16-rate", type=float, default=0.0,
+                    help="compare: the bf16 matmul rate in GFLOP/s auto sizes the bf16 path for (0: the one `time` "
+                         "measured; give a quiet Zen4's, ~850, to size for the zen4 budget's machine)")
     ap.add_argument("--zen4-steps", type=float, default=BUDGETS["zen4"][1],
                     help="the zen4 budget in cpu-tiny bf16 steps")
     ap.add_argument("--precision", default="bf16", help="calibrate: the training precision of the runs")

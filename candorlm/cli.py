@@ -14,12 +14,12 @@ import sys
 from candorlm.errors import CandorError
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, default: str = "cpu-tiny") -> None:
     from candorlm.config import PRESETS
 
-    p.add_argument("--preset", default="cpu-tiny",
-                   help=f"one of {', '.join(PRESETS)} (default cpu-tiny: the demo's fixed shape; auto: cpu-tiny's "
-                        "run with the model sized to this machine's compute and the time budget)")
+    p.add_argument("--preset", default=default,
+                   help=f"one of {', '.join(PRESETS)} (default {default}; auto: cpu-tiny's run with the model sized "
+                        "to this machine's compute and the time budget; cpu-tiny: the demo's fixed shape)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE", default=[],
                    help="override any setting, e.g. --set train.max_steps=100 (repeatable)")
 
@@ -375,7 +375,7 @@ def _print_sft(s: dict) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from candorlm.config import CurateConfig, GenerationConfig
+    from candorlm.config import DEMO_PROMPT, CurateConfig, GenerationConfig
 
     ap = argparse.ArgumentParser(prog="candor", description="candorlm: curate, tokenize, pretrain, generate.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -517,8 +517,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="stdlib")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--force", action="store_true", help="redo every stage")
-    p.add_argument("--prompt", default="class")
-    _add_config_args(p)  # curation settings too: --set curate.FIELD=VALUE
+    p.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt of the greedy completion (default {DEMO_PROMPT!r})")
+    # the whole run sizes its model to the machine; `candor pretrain` (also the building block
+    # under torchrun, where every rank would measure on its own) keeps cpu-tiny's fixed shape
+    _add_config_args(p, default="auto")  # curation settings too: --set curate.FIELD=VALUE
     p.set_defaults(func=cmd_run)
     return ap
 

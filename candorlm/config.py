@@ -129,6 +129,12 @@ class DataConfig(Section):
     val_fraction: Annotated[float, "[0, 1)"] = 0.02  # of documents (whole files), chosen by a hash of their id
 
 
+# The demo's probe of the base model: a module's opening, as code files begin (a bare `class` at a
+# file's start reads as prose to a model of the standard library, whose files open with docstrings
+# and imports); `candor run --prompt` changes it.
+DEMO_PROMPT = "import os\n\n\nclass "
+
+
 @dataclass
 class GenerationConfig(Section):
     """Sampling settings and their defaults, for every path that generates: `generation.generate_ids`,

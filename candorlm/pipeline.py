@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from candorlm.config import RunConfig
+from candorlm.config import DEMO_PROMPT, RunConfig
 from candorlm.errors import CandorError
 from candorlm.fileio import atomic_write_json
 from candorlm.stage import fingerprint as _fp
@@ -27,7 +27,7 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, prompt: str = "class",
+def run(cfg: RunConfig, runs_dir: str | Path = "runs", force: bool = False, prompt: str = DEMO_PROMPT,
         quiet: bool = False) -> dict:
     """Every stage for cfg (curation with cfg.curate) into runs_dir/cfg.name; returns the summary."""
     from candorlm.data import curate as curation

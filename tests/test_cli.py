@@ -66,7 +66,8 @@ def corpus(tmp_path_factory) -> Path:
 def test_run_end_to_end_then_skips(corpus, tmp_path):
     tune = [("model.max_seq_len", "256"), ("sft.max_steps", "4"), ("sft.batch_size", "4"), ("sft.eval_prompts", "2"),
             ("sft.eval_examples", "8")]  # a context the mined chats fit in
-    args = ["run", "--name", "micro", "--source", str(corpus), "--runs-dir", str(tmp_path / "runs"),
+    args = ["run", "--name", "micro", "--preset", "cpu-tiny", "--source", str(corpus),
+            "--runs-dir", str(tmp_path / "runs"),
             "--set", "tokenizer.vocab_size=512", *sets(MICRO + tune), *sets(EVAL)]
     r = candor(*args)
     assert r.returncode == 0, r.stderr[-3000:]
