@@ -11,8 +11,11 @@ every peer decodes exactly --tokens tokens. Decode rate: (tokens - 1) / (time of
 time of the first), so prefill is left out; the best of --rounds, peers interleaved. Every peer
 runs float32 on --threads threads but the `_bf16` engines (bfloat16 weights and KV cache) and
 llama_q8_0; `_compiled` engines run the lone decode step through torch.compile (its ~30-40 s
-of compiling fall in the warm-up round). Last line: JSON, with each peer's tokens/s and each
-engine variant's ratio to each peer.
+of compiling fall in the warm-up round). The engines step in this process's main thread, the
+one that loaded every model (as `candor serve` steps its engine in the thread that loaded it:
+serve/engine.py `Engine.run`): a second thread running PyTorch work would slow every peer here,
+llama.cpp's OpenMP threads too. bench/serve.py measures through the HTTP server. Last line: JSON,
+with each peer's tokens/s and each engine variant's ratio to each peer.
 """
 
 from __future__ import annotations
@@ -62,14 +65,21 @@ def engine_peer(model_dir: Path, n: int, dtype: str | None = None, compile: bool
     lm = candorlm.load(model_dir)
     ids = [lm.tokenizer.bos_id] + lm.tokenizer.encode(PROMPT)
     engine = Engine(lm, max_slots=1, dtype=dtype, compile=compile)
-    engine.start()
+    engine.warm()
 
     def run():
-        stamps = [time.perf_counter() for _ in engine.submit(ids, SamplingParams(max_tokens=n, temperature=0,
-                                                                                 ignore_eos=True))]
+        # stepped here, in the thread that loaded the model and runs the peers: one OpenMP team
+        # (Engine.run says what a second one costs); one stamp per step that made a token
+        h = engine.submit(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        stamps: list[float] = []
+        while not h.finished:
+            engine.step()
+            if h.completion_tokens > len(stamps):
+                stamps.append(time.perf_counter())
+        list(h)
         return stamps
 
-    return run, engine.stop
+    return run, lambda: None
 
 
 def hf_peer(model_dir: Path, n: int, tmp: Path):

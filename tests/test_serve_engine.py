@@ -116,6 +116,24 @@ def test_a_request_that_fails_while_sampling_fails_alone(lm):
     assert [ev.token_id for ev in run_events(engine, again)] == reference(lm, ps[3], 8, temperature=0)
 
 
+def test_run_steps_in_the_calling_thread_until_stopped(lm):
+    """Engine.run() serves from the thread that calls it (the server's engine thread, which
+    loaded the model); stop() from another thread ends it, and the engine takes no more requests."""
+    import threading
+
+    ps = prompts(lm, 2)
+    engine = Engine(lm, max_slots=2)
+    t = threading.Thread(target=engine.run)
+    t.start()
+    h = engine.submit(ps[0], SamplingParams(max_tokens=8, temperature=0))
+    assert [ev.token_id for ev in h] == reference(lm, ps[0], 8, temperature=0)
+    engine.stop()
+    t.join(timeout=10)
+    assert not t.is_alive()
+    with pytest.raises(CandorError, match="stopped"):
+        engine.submit(ps[1], SamplingParams(max_tokens=8, temperature=0))
+
+
 def run_events(engine: Engine, handle) -> list:
     while not handle.finished:
         engine.step()

@@ -73,13 +73,13 @@ def test_health_is_503_until_the_model_is_loaded(chat_model, tmp_path):
     r = client.get("/health")
     assert r.status_code == 503 and r.json()["error"]["message"] == "the model is loading"
     assert client.post("/v1/chat/completions", json={"messages": Q}).status_code == 503
-    app.state.serve.load()
+    app.state.serve.load(run=False)  # the engine in a thread of its own, so this returns
     try:
         assert client.get("/health").status_code == 200
         assert client.get("/v1/models").json()["data"][0]["id"] == str(chat_model)
     finally:
         app.state.serve.stop()
     broken = create_app(tmp_path, ServeOptions(run_dir=tmp_path))  # no model there
-    broken.state.serve.load()
+    broken.state.serve.load(run=False)
     r = TestClient(broken).get("/health")
     assert r.status_code == 503 and "config.json" in r.json()["error"]["message"]

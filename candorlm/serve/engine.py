@@ -103,7 +103,9 @@ class Engine:
         self._inbox: list[_Request] = []
         self._cancels: list[RequestHandle] = []
         self._lock = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # start()'s thread
+        self._looping, self._loop_thread = False, None  # the thread stepping (start()'s or run()'s caller)
+        self._done = threading.Event()
         self._stopping = False
         self._ids = itertools.count()
         self._lltok = None
@@ -113,18 +115,38 @@ class Engine:
 
     # --- public
 
-    def start(self) -> None:
-        """Start the stepping thread; with compile=True, build the compiled step first (so a
-        server is ready when this returns, instead of stalling its first request)."""
+    def warm(self) -> None:
+        """With compile=True, build the compiled step now (so a server is ready when its first
+        request comes, instead of stalling it ~30-40 s)."""
         if self.forward._one is not None and not self._warm and not self._running:
             with self._lock:  # a scratch decode in slot 0, whose cached prefix it overwrites
                 self.forward([0], [Segment(0, 0, 1)], self.cache)
                 self._owner[0] = None
             self._warm = True
+
+    def start(self) -> None:
+        """Warm up, then step in a thread of the engine's own. On a CPU the step runs fastest in
+        the thread that did the process's other PyTorch work (see `run`)."""
+        self.warm()
         if self._thread is None:
             self._stopping = False
+            self._done.clear()
             self._thread = threading.Thread(target=self._loop, name="candor-engine", daemon=True)
             self._thread.start()
+
+    def run(self) -> None:
+        """Warm up, then step in the calling thread until `stop()` (from any thread).
+
+        On a CPU, PyTorch's intra-op threads are OpenMP's, and each thread that runs parallel
+        work has its own team of them. With more of those threads than cores (two teams of 2 on
+        2 cores: the one that loaded the model and the engine's), libgomp spins only ~100 times
+        before a waiting thread sleeps, so each of a step's ~50 parallel regions pays a wake-up:
+        the compiled batch-1 step took 0.9-1.0 ms in the thread that loaded the model and 2.7-3.3
+        ms in another (2 Zen4 cores). A server loads the model and steps the engine in one thread
+        (serve/server.py); the HTTP side runs no PyTorch work."""
+        self.warm()
+        self._done.clear()
+        self._loop()
 
     def stop(self) -> None:
         with self._lock:
@@ -133,9 +155,14 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        elif self._running_elsewhere():
+            self._done.wait(timeout=10)
         for r in self._inbox + self._waiting + self._running:
             r.handle._finish(CandorError("the engine was stopped"))
         self._inbox, self._waiting, self._running = [], [], []
+
+    def _running_elsewhere(self) -> bool:
+        return self._looping and threading.current_thread() is not self._loop_thread
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         params.check()
@@ -194,6 +221,14 @@ class Engine:
             self._lock.notify_all()
 
     def _loop(self) -> None:
+        self._looping, self._loop_thread = True, threading.current_thread()
+        try:
+            self._steps()
+        finally:
+            self._looping = False
+            self._done.set()
+
+    def _steps(self) -> None:
         while True:
             with self._lock:
                 while not (self._stopping or self._inbox or self._cancels or self._waiting or self._running):

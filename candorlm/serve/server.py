@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -85,8 +84,11 @@ class ServerState:
         self.in_flight = 0
         self.feedback = open_store(options.run_dir)
 
-    def load(self) -> None:
-        """Load the model and start the engine (in a thread, after the port is bound)."""
+    def load(self, run: bool = True) -> None:
+        """Load the model, then (run=True) step the engine in this same thread until stop(): the
+        thread that loaded the model runs every PyTorch operation of the server, so PyTorch's
+        OpenMP threads form one team (Engine.run says what two teams cost). The server calls
+        this in a thread of its own, after the port is bound; the HTTP side runs no PyTorch."""
         from candorlm.api import load
         from candorlm.serve.engine import Engine
         from candorlm.serve.metrics import Metrics
@@ -95,15 +97,20 @@ class ServerState:
             model = load(self.model_dir)
             self.version = model_version(self.model_dir)
             engine = Engine(model, **self.opt.engine)
-            engine.start()
+            engine.warm()
             self.max_model_len = getattr(engine, "max_seq_len", None) or model.config.max_seq_len
             self.metrics = Metrics(self.name, self.max_model_len, engine.stats)
             self.model, self.engine = model, engine
         except Exception as e:  # a CandorError or a broken model directory: reported, not raised in a thread
             self.error = f"{e}" if isinstance(e, CandorError) else f"{type(e).__name__}: {e}"
             log.error("loading %s failed: %s", self.model_dir, self.error)
+            return
         finally:
             self.loaded.set()
+        if run:
+            engine.run()
+        else:
+            engine.start()
 
     @property
     def ready(self) -> bool:
@@ -129,14 +136,14 @@ def create_app(model_dir: str | Path, options: ServeOptions | None = None, load_
 
     async def lifespan(app):
         if not state.loaded.is_set():
-            threading.Thread(target=state.load, name="candor-load", daemon=True).start()
+            threading.Thread(target=state.load, name="candor-engine", daemon=True).start()
         yield
         state.stop()
 
     app = FastAPI(title="candorlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serve = state
     if load_now:
-        state.load()
+        state.load(run=False)
     app.include_router(router)
     _error_handlers(app)
     _routes(app, state)
@@ -341,11 +348,11 @@ def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, opti
           log_level: str = "warning") -> None:
     """Bind host:port (0: any free port), print the address, load the model, serve until
     Ctrl-C or SIGTERM. A model that fails to load stops the server with a CandorError."""
-    # Idle OpenMP threads sleep instead of spinning (read when torch first loads, below, unless
-    # the environment says otherwise): spinning threads starve the event loop that streams the
-    # tokens. One stream on a busy 2-core Zen4 (AVX512-BF16): 13.8 tok/s spinning, 170 tok/s
-    # passive, the engine alone ~170 (bench/serve.py).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP's wait policy is libgomp's default (an idle thread spins a while, then sleeps) unless
+    # the environment sets one. Interleaved runs of bench/serve.py (2 Zen4 cores with AVX512-BF16,
+    # random cpu-tiny-shaped model, eager), one stream / 16 streams: OMP_WAIT_POLICY=PASSIVE (a
+    # futex wake-up for every parallel region) 149-167 / 1,222-1,402 tok/s; GOMP_SPINCOUNT=20000
+    # 158-178 / 1,764-2,182; the default 186-211 / 1,835-2,077.
     import socket
 
     import uvicorn
