@@ -104,7 +104,7 @@ class Engine:
         self._cancels: list[RequestHandle] = []
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None  # start()'s thread
-        self._looping, self._loop_thread = False, None  # the thread stepping (start()'s or run()'s caller)
+        self._loop_thread: threading.Thread | None = None  # the thread stepping now (start()'s or run()'s caller)
         self._done = threading.Event()
         self._stopping = False
         self._ids = itertools.count()
@@ -162,7 +162,7 @@ class Engine:
         self._inbox, self._waiting, self._running = [], [], []
 
     def _running_elsewhere(self) -> bool:
-        return self._looping and threading.current_thread() is not self._loop_thread
+        return self._loop_thread not in (None, threading.current_thread())
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         params.check()
@@ -221,11 +221,11 @@ class Engine:
             self._lock.notify_all()
 
     def _loop(self) -> None:
-        self._looping, self._loop_thread = True, threading.current_thread()
+        self._loop_thread = threading.current_thread()
         try:
             self._steps()
         finally:
-            self._looping = False
+            self._loop_thread = None
             self._done.set()
 
     def _steps(self) -> None:
