@@ -115,11 +115,18 @@ def test_fused_head_loss_across_chunks_and_partial_grads(softcap, monkeypatch):
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4), (6, 1)])
 @pytest.mark.parametrize("masking", ["causal", "window", "alibi", "alibi+window"])
-def test_cpu_attention_kernel_matches_sdpa(heads, masking):
+@pytest.mark.parametrize("block_rows", [4, 64])
+def test_cpu_attention_kernel_matches_sdpa(monkeypatch, heads, masking, block_rows):
     """The CPU training attention (batched matmuls, grouped heads stacked on rows) against
-    SDPA with the same mask: float64 values, and gradients by finite differences (gradcheck)."""
+    SDPA with the same mask: float64 values, and gradients by finite differences (gradcheck);
+    13 positions in blocks of 4, 4 and 5 (each block scoring only the keys up to its end) and
+    in one block."""
     from candorlm.model.attention import build_mask
+    from candorlm.model.kernels import cpu_attention
     from candorlm.model.positions import alibi_slopes
+
+    monkeypatch.setattr(cpu_attention, "BLOCK_ROWS", block_rows)
+    assert len(cpu_attention._blocks(13)) == (3 if block_rows == 4 else 1)
 
     H, KV = heads
     torch.manual_seed(0)

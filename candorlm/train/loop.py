@@ -97,6 +97,11 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     payload = None
     if resume:
         state, payload = load_checkpoint(out_dir, model, cfg, dist, say)
+    amp = autocast_dtype(device, tcfg.dtype)
+    # Measured before compiling: torch.compile starts inductor's worker processes, whose start
+    # (each imports torch) took a core from the measurement (90 and 148 GFLOP/s measured there
+    # against 175-185 before, fp32, 2 cores).
+    peak_flops = matmul_flops(device, amp) * dist.world_size
     # FSDP/TP shard `model` in place and return it; DDP and compile return a wrapper around it.
     train_model = parallelize(model, tcfg, dist)  # also activation checkpointing and compile
     optimizers = build_optimizers(model, tcfg)  # sharded: Muon on whole matrices
@@ -104,14 +109,13 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
         dist_checkpoint.load_optimizer_states(optimizers, payload["optimizers"], model)
         ckpt.restore_rng(state, payload)
 
-    amp = autocast_dtype(device, tcfg.dtype)
     run = Run(cfg=cfg, out_dir=out_dir, tokenizer_dir=Path(tokenizer_dir), dist=dist, device=device, amp=amp,
               model=model, train_model=train_model, optimizers=optimizers,
               batches=TrainBatches(train_tokens, tcfg.seq_len, tcfg.batch_size, tcfg.seed, rank=dist.dp_rank),
               val_tokens=val_tokens, token_bytes=token_bytes, state=state,
               tokens_per_step=tcfg.batch_size * tcfg.seq_len * tcfg.grad_accum * dist.dp_size,
               flops_per_token=model.flops_per_token(tcfg.seq_len),
-              peak_flops=matmul_flops(device, amp) * dist.world_size, say=say, quiet=quiet)
+              peak_flops=peak_flops, say=say, quiet=quiet)
     say(describe(cfg))
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {run.flops_per_token / 1e6:.1f} MFLOP/token; "
         f"{run.tokens_per_step} tokens/step; {'bf16 autocast' if amp else 'fp32'} on {device} x{dist.world_size}; "
