@@ -30,6 +30,27 @@ def test_loss_falls_and_model_dir_is_complete(micro_tokens, micro_tokenizer, tmp
         assert (tmp_path / "m" / f).is_file(), f
 
 
+def test_mfu_is_against_the_higher_of_the_peaks_measured_before_and_after(micro_tokens, micro_tokenizer, tmp_path,
+                                                                          monkeypatch):
+    """A run longer than REMEASURE_AFTER_S measures the matmul peak again after its steps and
+    reports its MFU against the higher measurement: a start measured in a slow moment of a
+    shared machine does not flatter the steps."""
+    from candorlm.train import loop
+
+    end = 1e15
+    monkeypatch.setattr(loop.matmul_flops, "__wrapped__", lambda device, dtype: end)
+    cfg = micro_config(("train.max_steps", "4"), ("train.eval_every", "0"), ("train.compile", "false"))
+    start = loop.matmul_flops("cpu", loop.autocast_dtype("cpu", cfg.train.dtype))
+    monkeypatch.setattr(loop, "REMEASURE_AFTER_S", 0.0)
+    r = pretrain(micro_tokens, micro_tokenizer, tmp_path / "a", cfg, quiet=True)
+    assert r["peaks_measured"] == [start, end] and r["peak_flops"] == end
+    monkeypatch.setattr(loop, "REMEASURE_AFTER_S", 1e9)  # a short run keeps its start measurement
+    s = pretrain(micro_tokens, micro_tokenizer, tmp_path / "b", cfg, quiet=True)
+    assert s["peaks_measured"] == [start] and s["peak_flops"] == start
+    # MFU x peak / tokens per second is the model's FLOPs per token, the same in both runs
+    assert r["mfu"] * end / r["tok_s"] == pytest.approx(s["mfu"] * start / s["tok_s"])
+
+
 def test_resume_is_exact(micro_tokens, micro_tokenizer, tmp_path):
     def cfg():
         return micro_config(("train.log_every", "1"))
