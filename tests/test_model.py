@@ -144,6 +144,28 @@ def test_cpu_attention_kernel_matches_sdpa(monkeypatch, heads, masking, block_ro
     assert torch.autograd.gradcheck(lambda q, k, v: causal_attention(q, k, v, mask), (q, k, v))
 
 
+def test_cpu_attention_kernel_compiles_for_dynamic_lengths(monkeypatch):
+    """Compiled with a symbolic sequence length (as torch.compile does after seeing several
+    lengths, and as a profile of earlier runs can make it from the start), the kernel takes
+    one block (its split is Python control flow on T) and gives the eager kernel's values and
+    gradients. Dynamo's own backend: the failure this guards against is in tracing, and
+    inductor's code generation for it takes minutes here."""
+    from candorlm.model.kernels import cpu_attention
+
+    monkeypatch.setattr(cpu_attention, "BLOCK_ROWS", 4)
+    f = torch.compile(lambda q, k, v: causal_attention(q, k, v), backend="eager", fullgraph=True)
+    T = 13
+    q = torch.randn(2, T, 4, 8).transpose(1, 2).requires_grad_()
+    k, v = (torch.randn(2, 2, T, 8, requires_grad=True) for _ in range(2))
+    for x in (q, k, v):
+        torch._dynamo.mark_dynamic(x, 2)
+    go = torch.randn(2, 4, T, 8)
+    got = torch.autograd.grad(f(q, k, v), (q, k, v), go)
+    want = torch.autograd.grad(causal_attention(q, k, v), (q, k, v), go)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def twin(cfg: ModelConfig, **changes) -> tuple[Transformer, Transformer]:
     """Two models with the same weights, the second built with `changes` to its config."""
     import dataclasses

@@ -32,8 +32,12 @@ def fits(batch: int, heads: int, seq_len: int, dtype: torch.dtype) -> bool:
 
 
 def _blocks(T: int) -> list[tuple[int, int]]:
-    """[start, end) of each block of query positions: about BLOCK_ROWS each, covering [0, T)."""
-    n = max(1, round(T / BLOCK_ROWS))
+    """[start, end) of each block of query positions: about BLOCK_ROWS each, covering [0, T).
+    One block when T is symbolic (a graph compiled for dynamic sequence lengths): the split
+    is Python control flow on T."""
+    if not isinstance(T, int):
+        return [(0, T)]
+    n = max(1, (T + BLOCK_ROWS // 2) // BLOCK_ROWS)
     ends = [T * i // n for i in range(n + 1)]
     return list(zip(ends[:-1], ends[1:], strict=True))
 
