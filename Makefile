@@ -14,12 +14,23 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 setup: $(STAMP) $(CHROMIUM)
 
+# llama-cpp-python (the tests' llama.cpp) builds llama.cpp for this CPU (-march=native). On x86
+# its AMX kernels are left out: on Xeons with AMX they stop the process with an illegal
+# instruction (tile instructions in threads the kernel has not enabled them for), and they
+# serve only the quantized types' batched matmuls. Appended to any CMAKE_ARGS of your own.
+AMX_OFF := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS := $(CMAKE_ARGS) -DCMAKE_C_FLAGS='$(AMX_OFF)' -DCMAKE_CXX_FLAGS='$(AMX_OFF)'
+else
+LLAMA_CMAKE_ARGS := $(CMAKE_ARGS)
+endif
+
 # Reinstalled when pyproject.toml changes. torch is pinned to 2.13.0 in pyproject.toml
 # (a plain `torch` pulls a multi-GB CUDA build on CPU machines).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
 $(CHROMIUM):
