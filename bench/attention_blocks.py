@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from candorlm.config import build_config, parse_set_args  # noqa: E402
-from candorlm.device import autocast_dtype, configure_cpu_allocator, cpu_has_bf16, precision_name  # noqa: E402
+from candorlm.device import autocast_dtype, configure_cpu_allocator, cpu_has_bf16, cpu_name, precision_name  # noqa: E402
 from candorlm.model.kernels import cpu_attention  # noqa: E402
 from candorlm.model.transformer import Transformer  # noqa: E402
 from candorlm.train.optim import build_optimizers  # noqa: E402
@@ -80,7 +80,7 @@ def main() -> None:
         for n in (names if i % 2 == 0 else names[::-1]):
             dt, losses[n] = step(n, i)
             times[n].append(dt)
-    cpu = "CPU with AVX512-BF16" if cpu_has_bf16() else "CPU without AVX512-BF16"
+    cpu = f"{cpu_name()} (native bf16: {'yes' if cpu_has_bf16() else 'no'})"
     print(f"{cpu}, {precision_name(amp)}, {args.preset} {cfg.model.n_layers} x {cfg.model.d_model}, "
           f"batch {tcfg.batch_size} x {T}, {args.steps} steps each")
     base = np.array(times["one block"])

@@ -179,7 +179,9 @@ def main(argv=None) -> dict:
                 rates[name] = max(rates[name], (len(t) - 1) / (t[-1] - t[0]))
         for close in closers:
             close()
-    cpu = "Zen4 AVX512-BF16" if "avx512_bf16" in Path("/proc/cpuinfo").read_text() else "no AVX512-BF16"
+    from candorlm.device import cpu_has_bf16, cpu_name
+
+    cpu = f"{cpu_name()} (native bf16: {'yes' if cpu_has_bf16() else 'no'})"
     print(f"batch-1 greedy decode, {args.tokens} tokens, {args.threads} threads, {cpu}")
     engines = [k for k in rates if k.startswith("engine")]
     peers_ = [k for k in rates if not k.startswith("engine")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -19,6 +20,17 @@ from candorlm.errors import CandorError
 
 # 0: treat bf16 as absent (the fp32 path, testable and measurable on any machine); 1: as present.
 NATIVE_BF16_ENV = "CANDOR_NATIVE_BF16"
+
+
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (where there is none: what platform says)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @functools.cache

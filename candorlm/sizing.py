@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -153,15 +152,16 @@ def training_device() -> str:
 
 
 def _device_facts():
-    """(autocast_dtype, matmul_flops, native_bf16): imported here alone, when first needed (torch)."""
-    from candorlm.device import autocast_dtype, matmul_flops, native_bf16
+    """(autocast_dtype, matmul_flops, native_bf16, cpu_name): imported here alone, when first
+    needed (torch)."""
+    from candorlm.device import autocast_dtype, cpu_name, matmul_flops, native_bf16
 
-    return autocast_dtype, matmul_flops, native_bf16
+    return autocast_dtype, matmul_flops, native_bf16, cpu_name
 
 
 def precision(device: str, dtype_choice: str) -> str:
     """bf16 or fp32: what train.dtype resolves to on this device (no measuring)."""
-    autocast_dtype, _, _ = _device_facts()
+    autocast_dtype = _device_facts()[0]
     return "fp32" if autocast_dtype(device, dtype_choice) is None else "bf16"
 
 
@@ -170,23 +170,13 @@ def measure(device: str, dtype_choice: str) -> dict:
     device's: under torchrun every rank trains the same shape, sized for one device's budget."""
     import torch
 
-    autocast_dtype, matmul_flops, native_bf16 = _device_facts()
+    autocast_dtype, matmul_flops, native_bf16, cpu_name = _device_facts()
     amp = autocast_dtype(device, dtype_choice)
     t0 = time.perf_counter()
     rate = matmul_flops(device, amp)
     return {"device": device, "precision": "bf16" if amp is not None else "fp32", "matmul_flops": rate,
-            "threads": torch.get_num_threads(), "cpu": _cpu_name(), "native_bf16": native_bf16(device.split(":")[0]),
+            "threads": torch.get_num_threads(), "cpu": cpu_name(), "native_bf16": native_bf16(device.split(":")[0]),
             "measured_s": round(time.perf_counter() - t0, 2), "when": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def budget_flops(budget_s: float, rate: float) -> float:

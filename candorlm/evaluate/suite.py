@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -40,19 +39,11 @@ def parse_tasks(spec: str | list[str] | tuple[str, ...] | None) -> list[str]:
 
 
 def hardware() -> dict:
-    from candorlm.device import cpu_has_bf16
-
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return {"cpu": name, "cores": os.cpu_count() or 1, "threads": torch.get_num_threads(),
+    from candorlm.device import cpu_has_bf16, cpu_name
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count() or 1, "threads": torch.get_num_threads(),
             "native_bf16": cpu_has_bf16(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 

@@ -45,8 +45,10 @@ def _blocks(T: int) -> list[tuple[int, int]]:
 def _mask_rows(mask: torch.Tensor | None, KV: int, G: int, T: int) -> torch.Tensor | None:
     """The mask with its rows in the queries' order, (t, g) for each key head: a bool (T*G, S)
     or a float (KV, T*G, S)."""
-    if mask is None or mask.dtype == torch.bool:
-        return None if mask is None else mask.repeat_interleave(G, dim=0)
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return mask.repeat_interleave(G, dim=0)
     return mask.view(KV, G, T, -1).transpose(1, 2).reshape(KV, T * G, -1)
 
 
@@ -96,7 +98,9 @@ class _CausalAttention(torch.autograd.Function):
         G = H // KV
         do = grad_out.reshape(B, KV, G, T, D).transpose(2, 3).reshape(B, KV, T * G, D)
         dk, dv, dqs = torch.zeros_like(k), torch.zeros_like(v), []
-        for (a, b), p in zip(_blocks(T), probs, strict=True):
+        a = 0
+        for p in probs:  # block [a, b) of positions: its probabilities are (B, KV, (b - a) * G, b)
+            b = p.shape[-1]
             do_b = do[:, :, a * G:b * G]
             dv[:, :, :b] += torch.matmul(p.transpose(-1, -2), do_b)
             # dS = P * (dP - rowsum(dP * P)): one fused kernel (fp32 inside for bf16).
@@ -104,6 +108,7 @@ class _CausalAttention(torch.autograd.Function):
                                                        p.dtype)
             dqs.append(torch.matmul(ds, k[:, :, :b]))
             dk[:, :, :b] += torch.matmul(ds.transpose(-1, -2), qg[:, :, a * G:b * G])
+            a = b
         dq = torch.cat(dqs, dim=2).mul_(ctx.scale).view(B, KV, T, G, D).permute(0, 1, 3, 2, 4)
         return dq.reshape(B, H, T, D), dk.mul_(ctx.scale), dv, None
 
