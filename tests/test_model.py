@@ -166,6 +166,34 @@ def test_cpu_attention_kernel_compiles_for_dynamic_lengths(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_bf16_grouped_query_attention_in_one_block_has_finite_gradients():
+    """Inductor under bf16 autocast, grouped-query heads (2 key heads), a sequence short enough
+    for one query block: the gradients are finite and close to eager's. With k and v passed
+    to the kernel as strided views, inductor saved v^T for backward through a kernel that
+    GCC 12 at -O2/-O3 miscompiled on an Intel Xeon (Sapphire Rapids; two bf16 32x32
+    transposes in one parallel region): every gradient was NaN from the first step. The
+    kernel now takes k and v contiguous, which leaves bmm nothing to transpose."""
+    from candorlm.device import native_bf16
+
+    if not native_bf16():
+        pytest.skip("bf16 is emulated on this CPU: compiled bf16 training is not its default path")
+    cfg = ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    torch.manual_seed(0)
+    eager = Transformer(cfg)
+    compiled = Transformer(cfg)
+    compiled.load_state_dict(eager.state_dict())
+    compiled.compile()
+    x = torch.randint(0, cfg.vocab_size, (8, 65), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for m in (eager, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m(x[:, :-1], x[:, 1:]).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    for n, g in grads[1].items():
+        assert torch.isfinite(g).all(), f"compiled gradient of {n} is not finite"
+        torch.testing.assert_close(g, grads[0][n], atol=2e-2, rtol=5e-2)
+
+
 def twin(cfg: ModelConfig, **changes) -> tuple[Transformer, Transformer]:
     """Two models with the same weights, the second built with `changes` to its config."""
     import dataclasses

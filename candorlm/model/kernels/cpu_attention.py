@@ -123,4 +123,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
-    return _CausalAttention.apply(q, k, v, mask)
+    # k and v contiguous: with several key heads they arrive as (B, T, KV, D) memory viewed as
+    # (B, KV, T, D), whose batch dims bmm cannot merge. Passed like that, inductor saved a
+    # transposed copy of v for backward in a kernel GCC 12 miscompiled on an Intel Xeon (NaN
+    # gradients in compiled bf16 training with one query block; tests/test_model.py).
+    return _CausalAttention.apply(q, k.contiguous(), v.contiguous(), mask)
