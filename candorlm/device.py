@@ -100,6 +100,36 @@ def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = None, n: int =
     return best
 
 
+class MatmulProbe:
+    """The same n x n matmul as matmul_flops, one at a time, to sample the machine's rate while
+    a run trains (train/loop.py measures it every RATE_EVERY_S seconds of steps). On shared
+    cores the rate is not a constant: 2048^3 fp32 sampled every ~0.7 s for 15 s ran at 165-302
+    GFLOP/s on 2 cores of an Intel Xeon with nothing of ours beside it (docs/benchmarks.md).
+    Keeps its operands (3 n x n tensors) until dropped, so a sample costs one matmul."""
+
+    @staticmethod
+    def flops_at(n: int = 2048) -> int:
+        return 2 * n**3
+
+    def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, n: int = 2048):
+        dt = dtype or torch.float32
+        g = torch.Generator(device=device).manual_seed(0)  # not the global RNG, as matmul_flops
+        self.a = torch.randn(n, n, device=device, dtype=dt, generator=g)
+        self.b = torch.randn(n, n, device=device, dtype=dt, generator=g)
+        self.out = torch.mm(self.a, self.b)  # the first call also warms the kernel up
+        self.flops = self.flops_at(n)
+        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+
+    def __call__(self) -> tuple[float, float]:
+        """(FLOP/s, seconds) of one matmul now."""
+        self.sync()
+        t0 = time.perf_counter()
+        torch.mm(self.a, self.b, out=self.out)
+        self.sync()
+        dt = time.perf_counter() - t0
+        return self.flops / dt, dt
+
+
 _ALLOCATOR_DONE = False
 
 

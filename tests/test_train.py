@@ -30,25 +30,34 @@ def test_loss_falls_and_model_dir_is_complete(micro_tokens, micro_tokenizer, tmp
         assert (tmp_path / "m" / f).is_file(), f
 
 
-def test_mfu_is_against_the_higher_of_the_peaks_measured_before_and_after(micro_tokens, micro_tokenizer, tmp_path,
-                                                                          monkeypatch):
-    """A run longer than REMEASURE_AFTER_S measures the matmul peak again after its steps and
-    reports its MFU against the higher measurement: a start measured in a slow moment of a
-    shared machine does not flatter the steps."""
+def test_mfu_is_against_the_rate_measured_through_the_run(micro_tokens, micro_tokenizer, tmp_path, monkeypatch):
+    """Pretraining samples the machine's matmul rate every RATE_EVERY_S seconds of steps (each a
+    `rate` record) and reports its MFU against those and the start's measurement averaged over
+    time (a harmonic mean: each is one matmul's work), as its tokens per second are:
+    on shared cores whose rate swings within seconds, one measurement before the steps says more
+    about that moment than about the run. A run shorter than the interval keeps the start's."""
+    from candorlm.device import MatmulProbe
     from candorlm.train import loop
 
-    end = 1e15
-    monkeypatch.setattr(loop.matmul_flops, "__wrapped__", lambda device, dtype: end)
-    cfg = micro_config(("train.max_steps", "4"), ("train.eval_every", "0"), ("train.compile", "false"))
+    samples = iter([3e15, 1e15, 5e15, 2e15, 4e15, 6e15, 7e15, 8e15])
+    monkeypatch.setattr(MatmulProbe, "__call__", lambda self: (next(samples), 0.01))
+    cfg = micro_config(("train.max_steps", "11"), ("train.eval_every", "0"), ("train.compile", "false"))
     start = loop.matmul_flops("cpu", loop.autocast_dtype("cpu", cfg.train.dtype))
-    monkeypatch.setattr(loop, "REMEASURE_AFTER_S", 0.0)
+    monkeypatch.setattr(loop, "RATE_EVERY_S", 1e-9)  # a sample after every step, from the sixth on
     r = pretrain(micro_tokens, micro_tokenizer, tmp_path / "a", cfg, quiet=True)
-    assert r["peaks_measured"] == [start, end] and r["peak_flops"] == end
-    monkeypatch.setattr(loop, "REMEASURE_AFTER_S", 1e9)  # a short run keeps its start measurement
+    taken = [e for e in read_log(tmp_path / "a") if e.get("event") == "rate"]
+    assert [e["step"] for e in taken] == [6, 7, 8, 9, 10, 11]
+    rates = [start, 3e15, 1e15, 5e15, 2e15, 4e15, 6e15]
+    over_time = len(rates) / sum(1 / x for x in rates)  # each sample the same work: total work / total time
+    assert r["rates_measured"] == 7 and r["rate_range"] == [start, 6e15]
+    assert r["peak_flops"] == pytest.approx(over_time)
+    assert r["mfu_of_fastest_rate"] == pytest.approx(r["mfu"] * over_time / 6e15)
+    monkeypatch.setattr(loop, "RATE_EVERY_S", 1e9)  # a short run keeps its start measurement
     s = pretrain(micro_tokens, micro_tokenizer, tmp_path / "b", cfg, quiet=True)
-    assert s["peaks_measured"] == [start] and s["peak_flops"] == start
-    # MFU x peak / tokens per second is the model's FLOPs per token, the same in both runs
-    assert r["mfu"] * end / r["tok_s"] == pytest.approx(s["mfu"] * start / s["tok_s"])
+    assert s["rates_measured"] == 1 and s["peak_flops"] == start
+    assert not [e for e in read_log(tmp_path / "b") if e.get("event") == "rate"]
+    # MFU x rate / tokens per second is the model's FLOPs per token, the same in both runs
+    assert r["mfu"] * over_time / r["tok_s"] == pytest.approx(s["mfu"] * start / s["tok_s"])
 
 
 def test_resume_is_exact(micro_tokens, micro_tokenizer, tmp_path):
@@ -121,6 +130,9 @@ def test_time_budget_refits_and_keeps_the_schedule(micro_tokens, micro_tokenizer
     assert TimeBudget(31.0, t, 256).length(0.1, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 2 - 2) / 0.1)
     assert TimeBudget(1.0, t, 256).length(0.1, 5.0, 6) == 9  # over budget: no shorter than the stable phase
     assert TimeBudget(1000.0, mc(("train.max_steps", "50")).train, 256).length(0.1, 1.0, 6) == 50  # the cap
+    sampled = TimeBudget(31.0, t, 256)
+    sampled.overhead_per_step = 0.1  # what the loop's rate samples add to each step
+    assert sampled.length(0.1, 1.0, 6) == 6 + int((31 - 1 - 0.1 * 8 / 2 - 2) / 0.2)
     # a quarter, then half of the way; not at or past the decay's start (70% of the way here)
     refit = TimeBudget(31.0, t, 256).refit_step
     assert refit(6, 400) == 100 and refit(100, 400) == 200 and refit(200, 400) is None

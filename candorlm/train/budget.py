@@ -27,6 +27,7 @@ class TimeBudget:
         self.seconds, self.tcfg, self.tokens_per_step = seconds, tcfg, tokens_per_step
         self.started = time.perf_counter()
         self.next_fit = CALIBRATION_STEPS if seconds else None
+        self.overhead_per_step = 0.0  # seconds a step costs beside its own time (the loop's rate samples)
 
     def due(self, step: int) -> bool:
         """Whether to fit after `step` steps."""
@@ -53,12 +54,13 @@ class TimeBudget:
     def length(self, t_step: float, spent: float, done: int) -> int:
         """The run's length in steps of t_step seconds, `done` of them taken in `spent` seconds,
         so that it ends within the budget, counting evals (forward only, but eager: ~1/2 of a
-        compiled training step's cost per token, 1.8 s per cpu-tiny eval) and the final save; at
-        most train.max_steps. Never so short that the decay phase would already have begun."""
+        compiled training step's cost per token, 1.8 s per cpu-tiny eval), overhead_per_step and
+        the final save; at most train.max_steps. Never so short that the decay phase would
+        already have begun."""
         tcfg = self.tcfg
         t_eval = t_step * (tcfg.eval_tokens / self.tokens_per_step) / 2
         remaining = self.seconds - spent - t_eval - 2.0
-        per_step = t_step + (t_eval / tcfg.eval_every if tcfg.eval_every else 0.0)
+        per_step = t_step + self.overhead_per_step + (t_eval / tcfg.eval_every if tcfg.eval_every else 0.0)
         fit = done + max(0, int(remaining / per_step))
         stable = math.ceil(done / (1 - tcfg.decay_frac)) if tcfg.decay_frac < 1 else done
         return min(tcfg.max_steps, max(done, fit, stable))

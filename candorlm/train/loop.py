@@ -15,9 +15,10 @@ import math
 import os
 import random
 import signal
+import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +28,7 @@ import torch
 from candorlm.config import RunConfig, describe
 from candorlm.data.loader import TrainBatches, check_eval_split
 from candorlm.data.shards import load_meta, open_split
-from candorlm.device import autocast_dtype, configure_cpu_allocator, matmul_flops, precision_name
+from candorlm.device import MatmulProbe, autocast_dtype, configure_cpu_allocator, matmul_flops, precision_name
 from candorlm.distributed import runtime
 from candorlm.distributed.parallelize import parallelize
 from candorlm.errors import CandorError
@@ -35,7 +36,7 @@ from candorlm.evaluate.bpb import evaluate_bpb, token_bytes_for
 from candorlm.model.transformer import Transformer
 from candorlm.train import checkpoint as ckpt
 from candorlm.train import dist_checkpoint
-from candorlm.train.budget import TimeBudget
+from candorlm.train.budget import CALIBRATION_STEPS, TimeBudget
 from candorlm.train.optim import build_optimizers, lr_multiplier, set_lr
 
 
@@ -59,9 +60,20 @@ class Run:
     state: dict
     tokens_per_step: int
     flops_per_token: float
-    peak_flops: float
+    peak_flops: float  # the matmul rate measured at the start (this precision, all ranks)
     say: Callable[[str], None]  # a progress line on stderr (rank 0, unless quiet)
     quiet: bool = False  # no progress bar either
+    rates: list[float] = field(default_factory=list)  # peak_flops, then the samples RateSampler takes
+
+    def __post_init__(self):
+        self.rates = self.rates or [self.peak_flops]
+
+    @property
+    def machine_rate(self) -> float:
+        """The MFU's denominator: the matmul rates measured so far in this run, averaged over
+        time (their harmonic mean: each sample is the same work, so this is its total over the
+        samples' total time), as the steps' tokens per second are."""
+        return statistics.harmonic_mean(self.rates)
 
     def write_log(self, rec: dict) -> None:
         if self.dist.rank == 0:
@@ -119,7 +131,7 @@ def set_up(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = Fa
     say(describe(cfg))
     say(f"model: {model.num_params() / 1e6:.2f}M parameters, {run.flops_per_token / 1e6:.1f} MFLOP/token; "
         f"{run.tokens_per_step} tokens/step; {'bf16 autocast' if amp else 'fp32'} on {device} x{dist.world_size}; "
-        f"measured {precision_name(amp)} matmul peak {run.peak_flops / 1e9:.0f} GFLOP/s")
+        f"measured {precision_name(amp)} matmul rate {run.peak_flops / 1e9:.0f} GFLOP/s")
     log_start(run, resume)
     return run
 
@@ -248,12 +260,50 @@ def fit_budget(run: Run, budget: TimeBudget, step_times: list[float], bar) -> No
     bar.total = state["max_steps"]
 
 
+RATE_EVERY_S = 15.0  # seconds of steps between samples of the machine's matmul rate (pretraining)
+
+
+class RateSampler:
+    """Samples the machine's matmul rate (one MatmulProbe matmul) every RATE_EVERY_S seconds of
+    steps into run.rates, so that the MFU a run reports is its steps' rate over the rate the
+    machine gave in the same minutes (both averaged over time), not over one measurement taken
+    before them. On 2 shared cores of an Intel Xeon the 2048^3 fp32 rate swung 141-316 GFLOP/s
+    within seconds through a demo run; against the start's measurement alone an MFU said as much
+    about that moment as about the steps (docs/benchmarks.md, "The machine's rate through a run").
+
+    The interval in steps is fixed after CALIBRATION_STEPS steps (the slowest rank's, agreed
+    across ranks) and the budget is told what the samples will cost (budget.overhead_per_step):
+    ~70 ms per fp32 sample at 250 GFLOP/s, 0.5% of the demo's steps. Each sample is a `rate`
+    record in log.jsonl; the probe's operands own their generator (the run's RNG is untouched)."""
+
+    def __init__(self, run: Run, budget: TimeBudget | None = None):
+        self.run, self.budget = run, budget
+        self.every: int | None = None
+        self.probe: MatmulProbe | None = None
+
+    def after_step(self, step: int, step_times: list[float]) -> None:
+        """After step `step` (1-based count of steps done); step_times: this process's steps."""
+        if self.every is None and len(step_times) == CALIBRATION_STEPS:
+            t_step = float(np.median(step_times[2:]))
+            self.every = int(runtime.max_across_ranks(max(1, math.ceil(RATE_EVERY_S / t_step)), self.run.dist))
+            if self.budget is not None:  # one matmul at the start's rate, every `every` steps
+                sample_s = MatmulProbe.flops_at() * self.run.dist.world_size / self.run.rates[0]
+                self.budget.overhead_per_step = sample_s / self.every
+        if self.every and step % self.every == 0:
+            if self.probe is None:  # made at the first sample: short runs never allocate it
+                self.probe = MatmulProbe(self.run.device, self.run.amp)
+            rate, seconds = self.probe()
+            rate *= self.run.dist.world_size
+            self.run.rates.append(rate)
+            self.run.write_log({"step": step, "event": "rate", "flops": rate, "s": seconds})
+
+
 def log_step(run: Run, step: int, loss_sum: torch.Tensor, gnorm: torch.Tensor, dt: float, bar) -> None:
     """The step's record in log.jsonl and the progress bar's figures; a NaN loss stops the run."""
     tcfg, state = run.cfg.train, run.state
     loss = _mean_loss(run, loss_sum)
     tok_s = run.tokens_per_step / dt
-    mfu = run.flops_per_token * tok_s / run.peak_flops
+    mfu = run.flops_per_token * tok_s / run.machine_rate
     run.write_log({"step": state["step"], "loss": loss, "lr_mult": lr_multiplier(step, state["max_steps"], tcfg),
                    "grad_norm": float(gnorm), "tok_s": tok_s, "mfu": mfu, "dt": dt})
     bar.set_postfix_str(f"loss {loss:.3f} | {tok_s:,.0f} tok/s | MFU {100 * mfu:.0f}%", refresh=False)
@@ -280,7 +330,7 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
     would (tests)."""
     run = set_up(tokens_dir, tokenizer_dir, out_dir, cfg, resume, quiet)
     budget = TimeBudget(run.cfg.train.time_budget_s if not resume else 0.0, run.cfg.train, run.tokens_per_step)
-    done = train_loop(run, budget, stop_at_step)
+    done = train_loop(run, budget, stop_at_step, sample_rates=True)
     if done is None:
         return {"interrupted": True, "step": run.state["step"]}
     return _finish(run, *done)
@@ -288,17 +338,19 @@ def pretrain(tokens_dir, tokenizer_dir, out_dir, cfg: RunConfig, resume: bool = 
 
 def train_loop(run: Run, budget: TimeBudget, stop_at_step: int | None = None,
                evaluate_fn: Callable[[Run], dict] = evaluate,
-               save_fn: Callable[[Run], None] = save) -> tuple[dict, list[float]] | None:
+               save_fn: Callable[[Run], None] = save, sample_rates: bool = False) -> tuple[dict, list[float]] | None:
     """The steps from run.state["step"] to its max_steps, then a final evaluation and save:
     (that evaluation, the steps' times), or None when Ctrl-C, SIGTERM or stop_at_step stopped
     the run first (a checkpoint is saved). Fine-tuning (tune/) brings its own evaluation and
-    save; everything else is pretraining's."""
+    save; everything else is pretraining's. sample_rates: measure the machine's matmul rate
+    through the run (RateSampler), for the MFU pretraining reports."""
     from tqdm import tqdm
 
     tcfg, state = run.cfg.train, run.state
     bar = tqdm(total=state["max_steps"], initial=state["step"], unit="step", dynamic_ncols=True, file=sys.stderr,
                disable=True if run.quiet or run.dist.rank != 0 else None)
     step_times = []
+    sampler = RateSampler(run, budget) if sample_rates else None
     with _Interrupt() as interrupt:
         while state["step"] < state["max_steps"]:
             step = state["step"]
@@ -312,6 +364,8 @@ def train_loop(run: Run, budget: TimeBudget, stop_at_step: int | None = None,
             state["tokens_seen"] += run.tokens_per_step
             state["elapsed_s"] += dt
             step_times.append(dt)
+            if sampler is not None:
+                sampler.after_step(state["step"], step_times)
             if budget.due(state["step"]):
                 fit_budget(run, budget, step_times, bar)
             if step % tcfg.log_every == 0 or state["step"] == state["max_steps"]:
@@ -331,27 +385,23 @@ def train_loop(run: Run, budget: TimeBudget, stop_at_step: int | None = None,
     return final, step_times
 
 
-REMEASURE_AFTER_S = 60.0  # runs whose steps took longer measure the matmul peak again at the end
-
-
 def _finish(run: Run, final: dict, step_times: list[float]) -> dict:
     state = run.state
     measured = step_times[min(len(step_times) - 1, 2):] or [1.0]  # the first two steps warm up (or compile)
-    tok_s = run.tokens_per_step / float(np.median(measured))
-    peaks = [run.peak_flops]
-    if state["elapsed_s"] > REMEASURE_AFTER_S:
-        # The peak once more, after the steps, and the MFU against the higher of the two: on 2
-        # shared cores the fp32 rate drifted between 130 and 185 GFLOP/s within an hour, and a
-        # start measured in a slow moment flattered the steps (a demo that measured 138 printed
-        # MFU 70% at fewer tokens/s than one that measured 178 and printed 58%).
-        peaks.append(matmul_flops.__wrapped__(run.device, run.amp) * run.dist.world_size)
-    peak = max(peaks)
+    # Tokens over time (the mean step: what the budget pays); the rate is averaged the same way.
+    tok_s = run.tokens_per_step * len(measured) / sum(measured)
+    rates, rate = run.rates, run.machine_rate
     result = {"step": state["step"], "tokens_seen": state["tokens_seen"], "train_time_s": state["elapsed_s"],
-              "tok_s": tok_s, "mfu": run.flops_per_token * tok_s / peak, **final,
-              "params": run.model.num_params(), "peak_flops": peak, "peaks_measured": peaks}
+              "tok_s": tok_s, "mfu": run.flops_per_token * tok_s / rate, **final,
+              "params": run.model.num_params(), "peak_flops": rate, "rates_measured": len(rates),
+              "rate_range": [min(rates), max(rates)], "mfu_of_fastest_rate": run.flops_per_token * tok_s / max(rates)}
     run.write_log({"event": "done", **result})
-    against = (f"of {peak / 1e9:.0f} GFLOP/s, the higher of {peaks[0] / 1e9:.0f} measured at the start and "
-               f"{peaks[1] / 1e9:.0f} at the end" if len(peaks) > 1 else f"of {peak / 1e9:.0f} GFLOP/s")
+    if len(rates) > 1:
+        against = (f"of {rate / 1e9:.0f} GFLOP/s, the {precision_name(run.amp)} matmul rate over the run: {len(rates)} "
+                   f"samples, {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f}; "
+                   f"{100 * result['mfu_of_fastest_rate']:.0f}% of the fastest")
+    else:
+        against = f"of {rate / 1e9:.0f} GFLOP/s"
     run.say(f"done: step {state['step']}, val bpb {final['val_bpb']:.4f}, {tok_s:,.0f} tok/s, "
             f"MFU {100 * result['mfu']:.0f}% ({against})")
     return result
