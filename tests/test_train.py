@@ -35,12 +35,20 @@ def test_mfu_is_against_the_rate_measured_through_the_run(micro_tokens, micro_to
     `rate` record) and reports its MFU against those and the start's measurement averaged over
     time (a harmonic mean: each is one matmul's work), as its tokens per second are:
     on shared cores whose rate swings within seconds, one measurement before the steps says more
-    about that moment than about the run. A run shorter than the interval keeps the start's."""
+    about that moment than about the run. A run shorter than the interval keeps the start's, and
+    the samples leave the training and its saved RNG state as they were."""
     from candorlm.device import MatmulProbe
     from candorlm.train import loop
+    from candorlm.train.checkpoint import load_train_state
 
     samples = iter([3e15, 1e15, 5e15, 2e15, 4e15, 6e15, 7e15, 8e15])
-    monkeypatch.setattr(MatmulProbe, "__call__", lambda self: (next(samples), 0.01))
+    real_call = MatmulProbe.__call__
+
+    def sample(self):
+        real_call(self)  # the real matmul runs on the probe's operands; its reading is replaced
+        return next(samples), 0.01
+
+    monkeypatch.setattr(MatmulProbe, "__call__", sample)
     cfg = micro_config(("train.max_steps", "11"), ("train.eval_every", "0"), ("train.compile", "false"))
     start = loop.matmul_flops("cpu", loop.autocast_dtype("cpu", cfg.train.dtype))
     monkeypatch.setattr(loop, "RATE_EVERY_S", 1e-9)  # a sample after every step, from the sixth on
@@ -58,6 +66,10 @@ def test_mfu_is_against_the_rate_measured_through_the_run(micro_tokens, micro_to
     assert not [e for e in read_log(tmp_path / "b") if e.get("event") == "rate"]
     # MFU x rate / tokens per second is the model's FLOPs per token, the same in both runs
     assert r["mfu"] * over_time / r["tok_s"] == pytest.approx(s["mfu"] * start / s["tok_s"])
+    # the samples leave the training alone: the same weights, and the same RNG state saved for a resume
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    rng_a, rng_b = (load_train_state(tmp_path / d)[1]["torch_rng"] for d in ("a", "b"))
+    assert torch.equal(rng_a, rng_b)
 
 
 def test_resume_is_exact(micro_tokens, micro_tokenizer, tmp_path):
