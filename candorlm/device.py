@@ -77,15 +77,9 @@ def precision_name(dtype: torch.dtype | None) -> str:
 def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = None, n: int = 2048, seconds: float = 0.4) -> float:
     """Measured dense matmul rate (FLOP/s) at size n in `dtype` (None: fp32), the machine's
     practical peak in the precision a run actually uses."""
-    dt = dtype or torch.float32
-    # Its own generator: drawing from the global one would change the RNG state a checkpoint
-    # saves, depending on whether this process had measured before (it is cached).
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(n, n, device=device, dtype=dt, generator=g)
-    b = torch.randn(n, n, device=device, dtype=dt, generator=g)
+    a, b, sync = _matmul_operands(device, dtype, n)
     for _ in range(2):
         a @ b
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     best = 0.0
     # The best of 3 rounds: the peak is what the machine can do, and a neighbour only slows
@@ -96,8 +90,20 @@ def matmul_flops(device: str = "cpu", dtype: torch.dtype | None = None, n: int =
             a @ b
             iters += 1
         sync()
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
+        best = max(best, MatmulProbe.flops_at(n) * iters / (time.perf_counter() - t0))
     return best
+
+
+def _matmul_operands(device: str, dtype: torch.dtype | None, n: int):
+    """(a, b, sync): two n x n random matrices in `dtype` (None: fp32) and the device's sync.
+    Their own generator: drawing from the global one would change the RNG state a checkpoint
+    saves, depending on whether this process had measured before (matmul_flops is cached) or
+    when a run's rate samples began."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32, generator=g)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    return a, b, sync
 
 
 class MatmulProbe:
@@ -112,13 +118,9 @@ class MatmulProbe:
         return 2 * n**3
 
     def __init__(self, device: str = "cpu", dtype: torch.dtype | None = None, n: int = 2048):
-        dt = dtype or torch.float32
-        g = torch.Generator(device=device).manual_seed(0)  # not the global RNG, as matmul_flops
-        self.a = torch.randn(n, n, device=device, dtype=dt, generator=g)
-        self.b = torch.randn(n, n, device=device, dtype=dt, generator=g)
+        self.a, self.b, self.sync = _matmul_operands(device, dtype, n)
         self.out = torch.mm(self.a, self.b)  # the first call also warms the kernel up
         self.flops = self.flops_at(n)
-        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
 
     def __call__(self) -> tuple[float, float]:
         """(FLOP/s, seconds) of one matmul now."""

@@ -276,7 +276,7 @@ class RateSampler:
     ~70 ms per fp32 sample at 250 GFLOP/s, 0.5% of the demo's steps. Each sample is a `rate`
     record in log.jsonl; the probe's operands own their generator (the run's RNG is untouched)."""
 
-    def __init__(self, run: Run, budget: TimeBudget | None = None):
+    def __init__(self, run: Run, budget: TimeBudget):
         self.run, self.budget = run, budget
         self.every: int | None = None
         self.probe: MatmulProbe | None = None
@@ -286,9 +286,9 @@ class RateSampler:
         if self.every is None and len(step_times) == CALIBRATION_STEPS:
             t_step = float(np.median(step_times[2:]))
             self.every = int(runtime.max_across_ranks(max(1, math.ceil(RATE_EVERY_S / t_step)), self.run.dist))
-            if self.budget is not None:  # one matmul at the start's rate, every `every` steps
-                sample_s = MatmulProbe.flops_at() * self.run.dist.world_size / self.run.rates[0]
-                self.budget.overhead_per_step = sample_s / self.every
+            # one matmul at the start's rate, every `every` steps
+            sample_s = MatmulProbe.flops_at() * self.run.dist.world_size / self.run.rates[0]
+            self.budget.overhead_per_step = sample_s / self.every
         if self.every and step % self.every == 0:
             if self.probe is None:  # made at the first sample: short runs never allocate it
                 self.probe = MatmulProbe(self.run.device, self.run.amp)
